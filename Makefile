@@ -1,0 +1,39 @@
+# One command per job; each sets up the virtual environment first (idempotent).
+#   make demo    install, train a RIM agent on CartPoleNoVel-v1 with the default config, evaluate it
+#   make test    install, run the test suite (what CI runs)
+#   make lint    ruff
+#   make bench   the speed benchmarks under scripts/
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned (the local CPU wheel here, the CUDA build from PyPI on a GPU machine); a torch already in
+	# the environment is kept.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/rims-rl train --env CartPoleNoVel-v1 --policy rims --run-dir runs/demo --overwrite
+	$(BIN)/rims-rl evaluate runs/demo
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python scripts/benchmark_core.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

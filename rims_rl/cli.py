@@ -1,0 +1,266 @@
+"""``rims-rl``: train and evaluate RIM and LSTM agents.
+
+    rims-rl train --env CartPoleNoVel-v1 --policy rims      # hyperparameters from configs/<family>.yaml
+    rims-rl evaluate runs/CartPoleNoVel-v1/rims-ppo-s0-...   # full episodes with the final model
+    rims-rl envs                                              # the env families and ids the project provides
+    rims-rl config --env CartPoleNoVel-v1                     # the resolved configuration, every key documented
+
+Bad input (unknown env id, policy, config key, out-of-range value, missing run directory) gets one line on stderr
+saying what is wrong and what is valid, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from rims_rl.config import CONFIG_DIR, ConfigError, TrainConfig, describe_fields, resolve_config
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"rims-rl: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _family_config(env_id: str) -> Path | None:
+    from envs import family_of
+
+    family = family_of(env_id)
+    if family is None:
+        return None
+    path = CONFIG_DIR / family.config_name
+    if not path.is_file():
+        raise UsageError(f"config file {path} for env family '{family.name}' is missing (pass --config FILE)")
+    return path
+
+
+def _resolve(args: argparse.Namespace, flags: dict[str, Any]) -> TrainConfig:
+    from envs import check_env_id, family_of
+
+    check_env_id(args.env)
+    family_file = _family_config(args.env)
+    if family_file is None and args.config is None:
+        raise UsageError(
+            f"env '{args.env}' belongs to no rims-rl family, so there is no default config: pass --config FILE "
+            "(`rims-rl envs` lists the families)"
+        )
+    del family_of
+    return resolve_config(args.env, family_file, args.config, flags, args.set)
+
+
+def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
+    flags: dict[str, Any] = {}
+    for name, key in (
+        ("policy", "policy"),
+        ("algo", "algo"),
+        ("total_timesteps", "total_timesteps"),
+        ("n_envs", "n_envs"),
+        ("seed", "seed"),
+        ("device", "device"),
+        ("wandb", "wandb.mode"),
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            flags[key] = value
+    return flags
+
+
+def _default_run_dir(cfg: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / cfg.env / f"{cfg.policy}-{cfg.algo}-s{cfg.seed}-{stamp}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _resolve(args, _train_flags(args))
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not args.overwrite:
+            raise UsageError(f"run directory {run_dir} already exists and is not empty (use --overwrite, or another --run-dir)")
+        import shutil
+
+        shutil.rmtree(run_dir)
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {cfg.device}: no CUDA device is available (use auto or cpu)")
+
+    from agents.training import TrainingInterrupted, train
+
+    print(f"training {cfg.policy} ({cfg.algo}) on {cfg.env} for {cfg.total_timesteps} steps -> {run_dir}")
+    try:
+        result = train(cfg, run_dir, progress_bar=not args.no_progress)
+    except TrainingInterrupted as stop:
+        print(f"rims-rl: {stop}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"trained {result.timesteps} steps in {result.seconds:.0f}s ({result.steps_per_second:.0f} steps/s)")
+    if result.final_eval is not None:
+        print(f"evaluation: {result.final_eval.summary()}")
+    print(f"run directory: {run_dir}  (rims-rl evaluate {run_dir})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _load_run(run_dir: Path) -> tuple[TrainConfig, Path]:
+    if not run_dir.is_dir():
+        raise UsageError(f"run directory {run_dir} does not exist")
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise UsageError(f"{run_dir} is not a rims-rl run directory (no config.yaml)")
+    import yaml
+
+    try:
+        cfg = TrainConfig.model_validate(yaml.safe_load(config_file.read_text()))
+    except Exception as err:  # noqa: BLE001 - any problem with the file is a usage error here
+        raise UsageError(f"{config_file} is not a valid rims-rl config ({str(err).splitlines()[0]})") from None
+    model_file = run_dir / "model.zip"
+    if not model_file.is_file():
+        checkpoints = sorted(
+            (run_dir / "checkpoints").glob("*_steps.zip"), key=lambda p: int(p.stem.rsplit("_", 2)[-2])
+        )
+        if not checkpoints:
+            raise UsageError(f"{run_dir} holds no model (no model.zip and no checkpoints/)")
+        model_file = checkpoints[-1]
+    return cfg, model_file
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    cfg, model_file = _load_run(run_dir)
+    env_id = args.env or cfg.env
+    from envs import check_env_id
+
+    check_env_id(env_id)
+    if args.episodes < 1:
+        raise UsageError(f"--episodes must be >= 1, got {args.episodes}")
+
+    from agents.evaluation import EVAL_SEED_OFFSET, evaluate
+    from agents.ppo import RecurrentPPO
+
+    model = RecurrentPPO.load(model_file, device=args.device)
+    seed = args.seed if args.seed is not None else cfg.seed + EVAL_SEED_OFFSET
+    result = evaluate(model, env_id, episodes=args.episodes, deterministic=args.deterministic, seed=seed)
+    record = {"model": str(model_file), "seed": seed, **result.to_dict()}
+    with open(run_dir / "evaluations.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"model: {model_file}")
+        print(result.summary())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def cmd_envs(args: argparse.Namespace) -> int:
+    from envs import FAMILIES
+
+    families = [FAMILIES[args.family]] if args.family else list(FAMILIES.values())
+    for family in families:
+        print(f"{family.name}: {family.description} (configs/{family.config_name})")
+        for env_id in family.ids:
+            print(f"  {env_id}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    if args.keys:
+        for key, default, help_text in describe_fields():
+            print(f"{key:32} {default!r:>14}  {help_text}")
+        return 0
+    cfg = _resolve(args, _train_flags(args))
+    print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _add_config_args(p: argparse.ArgumentParser, env_required: bool) -> None:
+    p.add_argument("--env", required=env_required, default="CartPoleNoVel-v1", help="gymnasium env id (rims-rl envs)")
+    p.add_argument("--policy", choices=["rims", "lstm"], help="recurrent core: RIM or the LSTM baseline")
+    p.add_argument("--algo", choices=["ppo"], help="learning algorithm (default from the config: ppo)")
+    p.add_argument("--config", type=Path, help="YAML file overriding the env family's config")
+    p.add_argument("--total-timesteps", type=int, metavar="N", help="env steps to train for")
+    p.add_argument("--n-envs", type=int, metavar="N", help="parallel environments")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed")
+    p.add_argument("--device", help="auto (GPU if there is one), cpu, cuda or cuda:N")
+    p.add_argument("--wandb", choices=["offline", "online", "disabled"], help="W&B mode (default offline)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override any config key, e.g. --set rim.k_active=5 --set ppo.learning_rate=1e-3 (repeatable)",
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rims-rl", description="Train and evaluate RIM and LSTM agents with stable-baselines3.")
+    from rims_rl import __version__
+
+    parser.add_argument("--version", action="version", version=f"rims-rl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train an agent into a run directory", description="Train an agent.")
+    _add_config_args(p, env_required=True)
+    p.add_argument("--run-dir", help="run directory (default runs/<env>/<policy>-<algo>-s<seed>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="play full episodes with a trained agent", description="Evaluate a run.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by rims-rl train")
+    p.add_argument("--env", help="env id to evaluate on (default: the run's)")
+    p.add_argument("--episodes", type=int, default=20, metavar="N", help="episodes (default 20)")
+    p.add_argument(
+        "--deterministic", action=argparse.BooleanOptionalAction, default=True,
+        help="greedy actions (default) or sampled (--no-deterministic)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, help="env seed (default: the run's seed + 10000, disjoint from training)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("envs", help="list the env families and ids", description="List env families and ids.")
+    p.add_argument("--family", choices=["classic"], help="only this family")
+    p.set_defaults(func=cmd_envs)
+
+    p = sub.add_parser("config", help="print the resolved config", description="Print the resolved configuration.")
+    _add_config_args(p, env_required=False)
+    p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="rims-rl: warning: %(message)s")
+    args = build_parser().parse_args(argv)
+    from envs import UnknownEnvError
+
+    try:
+        return int(args.func(args))
+    except (UsageError, ConfigError, UnknownEnvError) as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        print("rims-rl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

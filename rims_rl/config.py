@@ -1,0 +1,331 @@
+"""Experiment configuration: one validated tree, from YAML files (rl-zoo style), CLI flags and ``--set`` overrides.
+
+Resolution order (later wins):
+
+1. the defaults below (every field documents itself; ``rims-rl config`` prints them);
+2. the env family's file ``configs/<family>.yaml``: its ``default`` section, then the section named by the env id;
+3. a user file given with ``--config FILE`` (either a flat partial config, or sections keyed ``default``/env id);
+4. the dedicated CLI flags (``--total-timesteps``, ``--n-envs``, ``--seed``, ...);
+5. ``--set key=value`` overrides with dotted keys (``--set rim.k_active=5 --set ppo.learning_rate=1e-3``).
+
+Every key is checked: an unknown or mistyped key fails with the closest valid key, a wrong type or range with the
+valid range. The same names are used in YAML, on the CLI, in the resolved ``config.yaml`` of a run, and in W&B.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "RIMConfig",
+    "LSTMConfig",
+    "NetworkConfig",
+    "PPOConfig",
+    "EvalConfig",
+    "WandbConfig",
+    "TrainConfig",
+    "CONFIG_DIR",
+    "resolve_config",
+    "parse_overrides",
+    "flat_keys",
+    "describe_fields",
+]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a one-line message that says what is wrong and what is valid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RIMConfig(_Section):
+    """The RIM recurrent core (paper §2; defaults from Table 3)."""
+
+    num_units: int = Field(6, ge=1, description="K, the number of RIMs")
+    unit_size: int = Field(100, ge=1, description="H, the hidden size of each RIM")
+    k_active: int = Field(4, ge=1, description="k_A, units active per step (1..num_units)")
+    cell: Literal["lstm", "gru"] = Field("lstm", description="dynamics of each unit")
+    input_key_size: int = Field(64, ge=1, description="query/key size per input-attention head")
+    input_value_size: int | None = Field(None, ge=1, description="what a unit reads, all heads (default 4*unit_size)")
+    input_heads: int = Field(4, ge=1, description="input-attention heads")
+    comm_key_size: int = Field(32, ge=1, description="query/key size per communication head")
+    comm_value_size: int = Field(32, ge=1, description="value size per communication head")
+    comm_heads: int = Field(4, ge=1, description="communication heads")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="attention dropout (training only)")
+    input_attention: bool = Field(True, description="False: ablation without input attention (all units active)")
+    communication: bool = Field(True, description="False: ablation without communication between units")
+    input_set: Literal["vector", "grid"] = Field(
+        "vector", description="images: the RIM reads the CNN output vector or its grid of positions"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RIMConfig:
+        if self.k_active > self.num_units:
+            raise ValueError(f"rim.k_active={self.k_active} must be in [1, rim.num_units={self.num_units}]")
+        value_size = self.input_value_size or 4 * self.unit_size
+        if value_size % self.input_heads:
+            raise ValueError(f"rim.input_heads={self.input_heads} must divide the input value size {value_size}")
+        return self
+
+    def rim_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`~rims_rl.rim.RIM` beyond the four the policies take directly."""
+        keys = ("input_key_size", "input_value_size", "input_heads", "comm_key_size", "comm_value_size",
+                "comm_heads", "dropout", "input_attention", "communication")  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
+
+
+class LSTMConfig(_Section):
+    """The LSTM baseline's recurrent core (sb3-contrib's)."""
+
+    hidden_size: int = Field(256, ge=1, description="LSTM hidden size")
+
+
+class NetworkConfig(_Section):
+    """Heads and feature extractor, shared by the RIM and LSTM policies."""
+
+    net_arch: list[int] | dict[str, list[int]] | None = Field(
+        None, description="SB3 net_arch of the heads after the recurrent core (list, or dict with pi/vf)"
+    )
+    activation_fn: Literal["tanh", "relu", "elu", "gelu"] = Field("tanh", description="activation of the heads")
+    ortho_init: bool = Field(True, description="orthogonal initialisation of extractor and heads (SB3)")
+    recurrent_critic: Literal["separate", "shared", "shared_detached", "none"] = Field(
+        "separate",
+        description="critic's recurrence: own core (sb3-contrib default); the actor's core trained by both losses "
+        "(paper's PPO); the actor's core detached (sb3-contrib shared_lstm); none",
+    )
+    share_features_extractor: bool = Field(True, description="one feature extractor for actor and critic")
+    log_std_init: float = Field(0.0, description="initial log std of Gaussian actions")
+
+
+class PPOConfig(_Section):
+    """RecurrentPPO settings (sb3-contrib names)."""
+
+    learning_rate: float = Field(3e-4, gt=0, description="Adam learning rate")
+    lr_schedule: Literal["constant", "linear"] = Field("constant", description="linear: decay to 0 over training")
+    n_steps: int = Field(128, ge=1, description="steps per env per rollout")
+    batch_size: int = Field(128, ge=1, description="minibatch size (samples)")
+    n_epochs: int = Field(10, ge=1, description="epochs over each rollout")
+    gamma: float = Field(0.99, ge=0.0, le=1.0, description="discount")
+    gae_lambda: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda")
+    clip_range: float = Field(0.2, gt=0, description="PPO clip range")
+    clip_range_schedule: Literal["constant", "linear"] = Field("constant", description="linear: decay to 0")
+    ent_coef: float = Field(0.0, ge=0.0, description="entropy coefficient")
+    vf_coef: float = Field(0.5, ge=0.0, description="value loss coefficient")
+    max_grad_norm: float = Field(0.5, gt=0, description="gradient clipping norm")
+    normalize_advantage: bool = Field(True, description="normalise advantages per minibatch")
+    target_kl: float | None = Field(None, gt=0, description="early-stop epochs above this KL")
+    adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    use_sde: bool = Field(False, description="generalised state-dependent exploration (continuous actions)")
+    sde_sample_freq: int = Field(-1, description="resample gSDE noise every N steps (-1: per rollout)")
+
+
+class EvalConfig(_Section):
+    """Evaluation during and after training (on env seeds disjoint from training)."""
+
+    episodes: int = Field(20, ge=1, description="episodes per evaluation")
+    deterministic: bool = Field(True, description="greedy actions in evaluation")
+    freq: int = Field(0, ge=0, description="evaluate every N env steps during training (0: only at the end)")
+    stop_at: float | None = Field(None, description="stop training once the evaluation mean return reaches this")
+
+
+class WandbConfig(_Section):
+    """Weights & Biases logging (offline by default: a local run directory, no account)."""
+
+    mode: Literal["offline", "online", "disabled"] = Field("offline", description="W&B mode")
+    project: str = Field("rims-rl", description="W&B project")
+    entity: str | None = Field(None, description="W&B entity (user or team)")
+    group: str | None = Field(None, description="W&B run group (default: the env id)")
+    tags: list[str] = Field(default_factory=list, description="extra W&B tags")
+
+
+class TrainConfig(_Section):
+    """Everything one training run needs; the resolved tree is saved as ``config.yaml`` in the run directory."""
+
+    env: str = Field("CartPoleNoVel-v1", description="gymnasium env id")
+    policy: Literal["rims", "lstm"] = Field("rims", description="recurrent core")
+    algo: Literal["ppo"] = Field("ppo", description="learning algorithm")
+    total_timesteps: int = Field(100_000, ge=1, description="env steps to train for")
+    n_envs: int = Field(8, ge=1, description="parallel environments")
+    vec_env: Literal["dummy", "subproc"] = Field("dummy", description="SB3 vectorisation: in-process or processes")
+    seed: int = Field(0, ge=0, description="random seed (envs, torch, numpy)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    checkpoint_freq: int = Field(0, ge=0, description="save a checkpoint every N env steps (0: final only)")
+    rim: RIMConfig = Field(default_factory=RIMConfig)
+    lstm: LSTMConfig = Field(default_factory=LSTMConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def flat_keys(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
+    """All dotted keys of the config tree (``ppo.learning_rate``, ...)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += flat_keys(sub, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """``(dotted key, default, description)`` for every leaf of the config tree."""
+    rows = []
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            rows += describe_fields(sub, f"{prefix}{name}.")
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((prefix + name, default, field.description or ""))
+    return rows
+
+
+def _closest(key: str) -> str:
+    matches = difflib.get_close_matches(key, flat_keys(), n=1, cutoff=0.5)
+    if not matches:  # a bare leaf name given without its section (``k_active`` for ``rim.k_active``)
+        matches = [k for k in flat_keys() if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+    return f" (did you mean '{matches[0]}'?)" if matches else ""
+
+
+def _format_error(err: ValidationError, source: str) -> ConfigError:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return ConfigError(f"unknown config key '{key}' in {source}{_closest(key)}")
+    if first["type"] == "value_error":  # our cross-field checks carry their own sentence
+        return ConfigError(f"{first['msg'].removeprefix('Value error, ')} (in {source})")
+    value = first.get("input")
+    where = f"config key '{key}'" if key else "config"
+    return ConfigError(f"{where} = {value!r} in {source}: {first['msg'].lower()}")
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "net_arch":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _validate(data: dict[str, Any], source: str) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise _format_error(err, source) from None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; ConfigError if it is missing, unreadable or not a mapping."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}{where} is not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def _sections_for(data: dict[str, Any], env_id: str, path: Path) -> dict[str, Any]:
+    """The partial config a file gives for ``env_id``: ``default`` then the env's section (rl-zoo style), or the
+    whole file when it is a flat config."""
+    config_keys = set(TrainConfig.model_fields)
+    if not set(data) - config_keys:  # a flat partial config
+        return data
+    merged: dict[str, Any] = {}
+    for section in ("default", env_id):
+        part = data.get(section) or {}
+        if not isinstance(part, dict):
+            raise ConfigError(f"section '{section}' of {path} must be a mapping")
+        merged = _deep_merge(merged, part)
+    return merged
+
+
+def _coerce_scalar(text: str) -> Any:
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["ppo.n_epochs=4", "rim.k_active=5"]`` -> nested dict; ConfigError on a malformed item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value (e.g. rim.k_active=5), got '{item}'")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+        node[parts[-1]] = _coerce_scalar(text)
+    return out
+
+
+def resolve_config(
+    env_id: str,
+    family_file: Path | None,
+    user_file: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> TrainConfig:
+    """Merge the layers described in the module docstring and validate the result.
+
+    :param env_id: the env id (selects the section of each file).
+    :param family_file: the env family's YAML file, or None.
+    :param user_file: ``--config FILE``, or None.
+    :param flags: values of the dedicated CLI flags that were given (dotted keys allowed), e.g.
+        ``{"policy": "lstm", "wandb.mode": "disabled"}``.
+    :param overrides: ``--set`` items.
+    :raises ConfigError: with a one-line message.
+    """
+    data: dict[str, Any] = {"env": env_id}
+    layers: list[tuple[dict[str, Any], str]] = []
+    if family_file is not None:
+        layers.append((_sections_for(load_yaml(family_file), env_id, family_file), str(family_file)))
+    if user_file is not None:
+        layers.append((_sections_for(load_yaml(user_file), env_id, user_file), str(user_file)))
+    if flags:
+        nested: dict[str, Any] = {}
+        for key, value in flags.items():
+            node = nested
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        layers.append((nested, "command-line flags"))
+    if overrides:
+        layers.append((parse_overrides(overrides), "--set"))
+    for layer, source in layers:
+        data = _deep_merge(data, layer)
+        _validate(data, source)  # fail on the layer that introduced the problem
+    return _validate(data, "the configuration")

@@ -1,0 +1,381 @@
+"""Recurrent actor-critic policies for sb3-contrib's ``RecurrentPPO`` (and the project's ``RecurrentA2C``).
+
+RIM policies (``RIMPolicy``, ``RIMCnnPolicy``, ``RIMMultiInputPolicy``) replace the LSTM of sb3-contrib's
+:class:`~sb3_contrib.common.recurrent.policies.RecurrentActorCriticPolicy` by a :class:`~rims_rl.rim.RIM`; the
+output of the RIM (all units' hidden states, concatenated, paper App. C.3) feeds the policy and value heads.
+Everything else (feature extractors, heads, ``net_arch``, distributions) is sb3-contrib's, so they are drop-in::
+
+    from sb3_contrib import RecurrentPPO
+    from rims_rl import RIMPolicy
+
+    model = RecurrentPPO(RIMPolicy, "CartPoleNoVel-v1", policy_kwargs=dict(num_units=6, unit_size=32, k_active=4))
+
+Contract with sb3-contrib: the recurrent state is the same ``(h, c)`` pair of shape ``(1, n_envs, K * H)`` that
+its rollout buffer stores, and the RIM is reachable as ``policy.lstm_actor`` (with ``num_layers`` and
+``hidden_size`` like ``nn.LSTM``), so ``RecurrentPPO`` works unchanged. Each minibatch sequence runs through the RIM
+in one call; episode starts inside a sequence reset the state at that step.
+
+The LSTM baselines (``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``) are sb3-contrib's policies with
+two fixes: ``save()``/``load()`` keep the LSTM sizes, and a sequence whose only episode start is its first step runs
+through ``nn.LSTM`` in one call instead of sb3-contrib's per-step loop (same result, several times faster).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch as th
+from gymnasium import spaces
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.torch_layers import (
+    BaseFeaturesExtractor,
+    CombinedExtractor,
+    FlattenExtractor,
+    NatureCNN,
+)
+from stable_baselines3.common.type_aliases import Schedule
+from torch import nn
+
+from rims_rl.extractors import NatureCNNGrid, input_set_shape
+from rims_rl.rim import RIM, RIMInfo
+
+__all__ = [
+    "RIMPolicy",
+    "RIMCnnPolicy",
+    "RIMMultiInputPolicy",
+    "MlpLstmPolicy",
+    "CnnLstmPolicy",
+    "MultiInputLstmPolicy",
+    "INPUT_SETS",
+]
+
+INPUT_SETS = ("vector", "grid")
+
+
+class _SharedCriticGradMixin:
+    """sb3-contrib's forward passes, with one option added: ``shared_critic_grad``.
+
+    With a shared recurrent net (``shared_lstm``/``shared_rim``), sb3-contrib feeds the critic a *detached* copy of
+    the actor's recurrent output, so only the policy loss trains the recurrent net. ``shared_critic_grad=True``
+    lets the value loss train it too: one recurrent core for actor and critic, trained by the whole PPO/A2C loss,
+    as in the PPO implementation the paper used (Kostrikov, 2018; App. C.12). Otherwise identical to sb3-contrib.
+    """
+
+    shared_critic_grad: bool
+    shared_lstm: bool
+
+    def _critic_latent(self, latent_pi: th.Tensor) -> th.Tensor:
+        return latent_pi if self.shared_critic_grad else latent_pi.detach()
+
+    def forward(self, obs, lstm_states, episode_starts, deterministic=False):  # type: ignore[no-untyped-def]
+        features = self.extract_features(obs)  # type: ignore[attr-defined]
+        pi_features, vf_features = (features, features) if self.share_features_extractor else features  # type: ignore[attr-defined]
+        latent_pi, states_pi = self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)  # type: ignore[attr-defined]
+        if self.lstm_critic is not None:  # type: ignore[attr-defined]
+            latent_vf, states_vf = self._process_sequence(vf_features, lstm_states.vf, episode_starts, self.lstm_critic)  # type: ignore[attr-defined]
+        elif self.shared_lstm:
+            latent_vf = self._critic_latent(latent_pi)
+            states_vf = (states_pi[0].detach(), states_pi[1].detach())
+        else:
+            latent_vf = self.critic(vf_features)  # type: ignore[attr-defined]
+            states_vf = states_pi
+        latent_pi = self.mlp_extractor.forward_actor(latent_pi)  # type: ignore[attr-defined]
+        latent_vf = self.mlp_extractor.forward_critic(latent_vf)  # type: ignore[attr-defined]
+        values = self.value_net(latent_vf)  # type: ignore[attr-defined]
+        distribution = self._get_action_dist_from_latent(latent_pi)  # type: ignore[attr-defined]
+        actions = distribution.get_actions(deterministic=deterministic)
+        log_prob = distribution.log_prob(actions)
+        actions = actions.reshape((-1, *self.action_space.shape))  # type: ignore[attr-defined]
+        return actions, values, log_prob, RNNStates(states_pi, states_vf)
+
+    def predict_values(self, obs, lstm_states, episode_starts):  # type: ignore[no-untyped-def]
+        features = BasePolicy.extract_features(self, obs, self.vf_features_extractor)  # type: ignore[arg-type, attr-defined]
+        if self.lstm_critic is not None:  # type: ignore[attr-defined]
+            latent_vf, _ = self._process_sequence(features, lstm_states, episode_starts, self.lstm_critic)  # type: ignore[attr-defined]
+        elif self.shared_lstm:
+            latent_pi, _ = self._process_sequence(features, lstm_states, episode_starts, self.lstm_actor)  # type: ignore[attr-defined]
+            latent_vf = self._critic_latent(latent_pi)
+        else:
+            latent_vf = self.critic(features)  # type: ignore[attr-defined]
+        return self.value_net(self.mlp_extractor.forward_critic(latent_vf))  # type: ignore[attr-defined]
+
+    def evaluate_actions(self, obs, actions, lstm_states, episode_starts):  # type: ignore[no-untyped-def]
+        features = self.extract_features(obs)  # type: ignore[attr-defined]
+        pi_features, vf_features = (features, features) if self.share_features_extractor else features  # type: ignore[attr-defined]
+        latent_pi, _ = self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)  # type: ignore[attr-defined]
+        if self.lstm_critic is not None:  # type: ignore[attr-defined]
+            latent_vf, _ = self._process_sequence(vf_features, lstm_states.vf, episode_starts, self.lstm_critic)  # type: ignore[attr-defined]
+        elif self.shared_lstm:
+            latent_vf = self._critic_latent(latent_pi)
+        else:
+            latent_vf = self.critic(vf_features)  # type: ignore[attr-defined]
+        latent_pi = self.mlp_extractor.forward_actor(latent_pi)  # type: ignore[attr-defined]
+        latent_vf = self.mlp_extractor.forward_critic(latent_vf)  # type: ignore[attr-defined]
+        distribution = self._get_action_dist_from_latent(latent_pi)  # type: ignore[attr-defined]
+        return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()  # type: ignore[attr-defined]
+
+
+class RIMPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
+    """Actor-critic policy whose recurrent core is a RIM (Goyal et al., 2021), for vector observations.
+
+    Parameters are sb3-contrib's ``RecurrentActorCriticPolicy`` ones, with the LSTM options replaced by:
+
+    :param num_units: K, the number of RIMs.
+    :param unit_size: H, the hidden size of each RIM; the heads read ``K * H`` features.
+    :param k_active: how many units are active per step.
+    :param cell: ``"lstm"`` or ``"gru"`` dynamics per unit.
+    :param rim_kwargs: further :class:`~rims_rl.rim.RIM` arguments (attention sizes and heads, ``dropout``,
+        ``input_attention``, ``communication``).
+    :param shared_rim: the critic reuses the actor's RIM output, detached (sb3-contrib's ``shared_lstm``).
+    :param enable_critic_rim: the critic has its own RIM (sb3-contrib's ``enable_critic_lstm``, default).
+        With neither, the critic is a linear layer on the features.
+    :param shared_critic_grad: with ``shared_rim``, the value loss trains the shared RIM too (one recurrent core
+        trained by the whole loss, as in the PPO code the paper used); sb3-contrib's default detaches it.
+
+    After every forward pass of the actor's RIM, :attr:`rim_info` holds its :class:`~rims_rl.rim.RIMInfo`
+    (activation mask ``(L, n_seq, K)`` and input attention), for callbacks that log activations at no extra cost.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        net_arch: list[int] | dict[str, list[int]] | None = None,
+        activation_fn: type[nn.Module] = nn.Tanh,
+        ortho_init: bool = True,
+        use_sde: bool = False,
+        log_std_init: float = 0.0,
+        full_std: bool = True,
+        use_expln: bool = False,
+        squash_output: bool = False,
+        features_extractor_class: type[BaseFeaturesExtractor] = FlattenExtractor,
+        features_extractor_kwargs: dict[str, Any] | None = None,
+        share_features_extractor: bool = True,
+        normalize_images: bool = True,
+        optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        num_units: int = 6,
+        unit_size: int = 100,
+        k_active: int = 4,
+        cell: str = "lstm",
+        rim_kwargs: dict[str, Any] | None = None,
+        shared_rim: bool = False,
+        enable_critic_rim: bool = True,
+        shared_critic_grad: bool = False,
+    ):
+        self.shared_critic_grad = shared_critic_grad
+        if shared_rim and enable_critic_rim:
+            raise ValueError("shared_rim and enable_critic_rim are exclusive: set enable_critic_rim=False to share")
+        if shared_rim and not share_features_extractor:
+            raise ValueError("shared_rim needs share_features_extractor=True")
+        self.rim_kwargs = dict(rim_kwargs or {})
+        reserved = {"input_size", "num_units", "unit_size", "k_active", "cell"} & set(self.rim_kwargs)
+        if reserved:
+            raise ValueError(f"pass {', '.join(sorted(reserved))} as policy arguments, not in rim_kwargs")
+        self.num_units, self.unit_size, self.k_active, self.cell = num_units, unit_size, k_active, cell
+        self.shared_rim, self.enable_critic_rim = shared_rim, enable_critic_rim
+        self.lstm_output_dim = num_units * unit_size  # what the heads read (sb3-contrib's name)
+        # Skip RecurrentActorCriticPolicy.__init__, which would build nn.LSTMs; its methods only need the
+        # attributes set below.
+        ActorCriticPolicy.__init__(
+            self,
+            observation_space,
+            action_space,
+            lr_schedule,
+            net_arch,
+            activation_fn,
+            ortho_init,
+            use_sde,
+            log_std_init,
+            full_std,
+            use_expln,
+            squash_output,
+            features_extractor_class,
+            features_extractor_kwargs,
+            share_features_extractor,
+            normalize_images,
+            optimizer_class,
+            optimizer_kwargs,
+        )
+        extractor = self.features_extractor if share_features_extractor else self.pi_features_extractor
+        self.input_set_size, element_size = input_set_shape(extractor, self.features_dim)
+
+        def make_rim() -> RIM:
+            return RIM(element_size, num_units=num_units, unit_size=unit_size, k_active=k_active, cell=cell,
+                       **self.rim_kwargs)  # fmt: skip
+
+        self.rim_actor = make_rim()
+        self.rim_critic = make_rim() if enable_critic_rim else None
+        self.critic = None
+        if not (shared_rim or enable_critic_rim):
+            self.critic = nn.Linear(self.features_dim, self.lstm_output_dim)
+        # Names sb3-contrib's methods and RecurrentPPO read.
+        self.shared_lstm, self.enable_critic_lstm = shared_rim, enable_critic_rim
+        self.lstm_hidden_state_shape = (1, 1, self.lstm_output_dim)
+        self.rim_info: RIMInfo | None = None
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    @property
+    def lstm_actor(self) -> RIM:
+        """The actor's RIM, under the name sb3-contrib uses (``RecurrentPPO`` sizes its buffers from it)."""
+        return self.rim_actor
+
+    @property
+    def lstm_critic(self) -> RIM | None:
+        """The critic's RIM (None unless ``enable_critic_rim``), under sb3-contrib's name."""
+        return self.rim_critic
+
+    def _process_sequence(  # type: ignore[override]
+        self,
+        features: th.Tensor,
+        lstm_states: tuple[th.Tensor, th.Tensor],
+        episode_starts: th.Tensor,
+        lstm: RIM,
+    ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor]]:
+        """Run padded sequences through a RIM in one call.
+
+        ``features`` is ``(n_seq * L, N * D)`` (sequence-major, as sb3-contrib's buffer pads them),
+        ``lstm_states`` a pair of ``(1, n_seq, K * H)``, ``episode_starts`` ``(n_seq * L,)``.
+        Returns ``(n_seq * L, K * H)`` outputs and the final state pair.
+        """
+        n_seq = lstm_states[0].shape[1]
+        x = features.reshape(n_seq, -1, self.input_set_size, lstm.input_size).transpose(0, 1)
+        starts = episode_starts.reshape(n_seq, -1).transpose(0, 1)
+        output, (h, c), info = lstm(x, (lstm_states[0][0], lstm_states[1][0]), episode_starts=starts)
+        if lstm is self.rim_actor:
+            self.rim_info = info
+        return output.transpose(0, 1).reshape(-1, lstm.hidden_size), (h.unsqueeze(0), c.unsqueeze(0))
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            num_units=self.num_units,
+            unit_size=self.unit_size,
+            k_active=self.k_active,
+            cell=self.cell,
+            rim_kwargs=self.rim_kwargs,
+            shared_rim=self.shared_rim,
+            enable_critic_rim=self.enable_critic_rim,
+            shared_critic_grad=self.shared_critic_grad,
+            share_features_extractor=self.share_features_extractor,
+            normalize_images=self.normalize_images,
+        )
+        return data
+
+
+class RIMCnnPolicy(RIMPolicy):
+    """:class:`RIMPolicy` for image observations, with the Nature CNN.
+
+    :param input_set: what the RIM reads: ``"vector"``, the CNN's 512-d output vector (one element, as in the
+        authors' Atari code; SB3's ``NatureCNN``), or ``"grid"``, the CNN's last feature map as a set of positions,
+        each with its coordinates (:class:`~rims_rl.extractors.NatureCNNGrid`), so that units can attend to
+        different places. Only used when ``features_extractor_class`` is not given.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *args: Any,
+        features_extractor_class: type[BaseFeaturesExtractor] | None = None,
+        input_set: str = "vector",
+        **kwargs: Any,
+    ):
+        if input_set not in INPUT_SETS:
+            raise ValueError(f"input_set must be one of {', '.join(INPUT_SETS)}, got {input_set!r}")
+        self.input_set = input_set
+        if features_extractor_class is None:
+            features_extractor_class = NatureCNNGrid if input_set == "grid" else NatureCNN
+        super().__init__(
+            observation_space, action_space, lr_schedule, *args, features_extractor_class=features_extractor_class, **kwargs
+        )
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data["input_set"] = self.input_set
+        return data
+
+
+class RIMMultiInputPolicy(RIMPolicy):
+    """:class:`RIMPolicy` for dict observations, with SB3's ``CombinedExtractor`` by default."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *args: Any,
+        features_extractor_class: type[BaseFeaturesExtractor] = CombinedExtractor,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            observation_space, action_space, lr_schedule, *args, features_extractor_class=features_extractor_class, **kwargs
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LSTM baselines
+# --------------------------------------------------------------------------------------------------------------------
+class MlpLstmPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
+    """sb3-contrib's LSTM actor-critic policy, with its sizes kept by ``save()``/``load()`` and a one-call fast
+    path for sequences that start an episode only at their first step (every minibatch sequence sb3-contrib's
+    buffer makes). Parameters are ``RecurrentActorCriticPolicy``'s, plus:
+
+    :param shared_critic_grad: with ``shared_lstm``, the value loss trains the shared LSTM too (see
+        :class:`RIMPolicy`); sb3-contrib's default detaches it.
+    """
+
+    def __init__(self, *args: Any, shared_critic_grad: bool = False, **kwargs: Any):
+        self.shared_critic_grad = shared_critic_grad
+        super().__init__(*args, **kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            lstm_hidden_size=self.lstm_output_dim,
+            n_lstm_layers=self.lstm_actor.num_layers,
+            shared_lstm=self.shared_lstm,
+            enable_critic_lstm=self.enable_critic_lstm,
+            lstm_kwargs=self.lstm_kwargs,
+            shared_critic_grad=self.shared_critic_grad,
+            share_features_extractor=self.share_features_extractor,
+            normalize_images=self.normalize_images,
+        )
+        return data
+
+    @staticmethod
+    def _process_sequence(
+        features: th.Tensor,
+        lstm_states: tuple[th.Tensor, th.Tensor],
+        episode_starts: th.Tensor,
+        lstm: nn.LSTM,
+    ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor]]:
+        n_seq = lstm_states[0].shape[1]
+        starts = episode_starts.reshape(n_seq, -1)
+        if starts.shape[1] > 1 and bool(starts[:, 1:].any()):
+            # An episode starts inside a sequence: sb3-contrib's per-step loop resets the state there.
+            return RecurrentActorCriticPolicy._process_sequence(features, lstm_states, episode_starts, lstm)
+        keep = (1.0 - starts[:, 0]).view(1, n_seq, 1)
+        x = features.reshape(n_seq, -1, lstm.input_size).transpose(0, 1)
+        output, states = lstm(x, (keep * lstm_states[0], keep * lstm_states[1]))
+        return output.transpose(0, 1).reshape(-1, lstm.hidden_size), states
+
+
+class CnnLstmPolicy(MlpLstmPolicy):
+    """:class:`MlpLstmPolicy` with SB3's Nature CNN (sb3-contrib's ``CnnLstmPolicy``)."""
+
+    def __init__(self, *args: Any, features_extractor_class: type[BaseFeaturesExtractor] = NatureCNN, **kwargs: Any):
+        super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
+
+
+class MultiInputLstmPolicy(MlpLstmPolicy):
+    """:class:`MlpLstmPolicy` with SB3's ``CombinedExtractor`` (sb3-contrib's ``MultiInputLstmPolicy``)."""
+
+    def __init__(
+        self, *args: Any, features_extractor_class: type[BaseFeaturesExtractor] = CombinedExtractor, **kwargs: Any
+    ):
+        super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)

@@ -1,0 +1,272 @@
+"""The RIM module, specified test by test (paper §2)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from rims_rl.rim import RIM
+from tests.rim_reference import reference_forward
+
+K, H, D = 5, 6, 7
+
+
+def make_rim(**kwargs) -> RIM:
+    torch.manual_seed(0)
+    args = dict(num_units=K, unit_size=H, k_active=3, input_key_size=4, input_heads=2, comm_key_size=4,
+                comm_value_size=3, comm_heads=2, dropout=0.0)  # fmt: skip
+    args.update(kwargs)
+    return RIM(D, **args).double()
+
+
+def random_inputs(L=6, B=4, N=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(L, B, N, D, generator=g, dtype=torch.double)
+    h0 = torch.randn(B, K * H, generator=g, dtype=torch.double) * 0.5
+    c0 = torch.randn(B, K * H, generator=g, dtype=torch.double) * 0.5
+    return x, h0, c0
+
+
+def unit(t: torch.Tensor, k: int) -> torch.Tensor:
+    return t[..., k * H : (k + 1) * H]
+
+
+CONFIGS = [
+    dict(cell=cell, input_attention=ia, communication=comm, k_active=k)
+    for cell, ia, comm, k in itertools.product(["lstm", "gru"], [True, False], [True, False], [3, K])
+    if ia or k == K
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("n_elements", [1, 3])
+def test_matches_the_naive_reference_in_values_and_gradients(config, n_elements):
+    rim = make_rim(**config)
+    x, h0, c0 = random_inputs(N=n_elements)
+    starts = torch.zeros(6, 4)
+    starts[3, 1] = 1.0
+    inputs = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    out, (h, c), info = rim(inputs[0], (inputs[1], inputs[2]), episode_starts=starts)
+    ref_inputs = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    r_out, r_h, r_c, r_masks, r_null = reference_forward(rim, *ref_inputs, episode_starts=starts)
+
+    assert torch.equal(info.activation_mask, r_masks)
+    torch.testing.assert_close(info.null_attention, r_null.detach())
+    torch.testing.assert_close(out, r_out)
+    torch.testing.assert_close(h, r_h)
+    if rim.cell == "lstm":
+        torch.testing.assert_close(c, r_c)
+
+    g = torch.Generator().manual_seed(2)
+    w_out, w_h, w_c = (torch.randn(t.shape, generator=g, dtype=torch.double) for t in (out, h, c))
+    params = list(rim.parameters())
+    loss = (out * w_out).sum() + (h * w_h).sum() + (c * w_c).sum()
+    grads = torch.autograd.grad(loss, params + inputs, allow_unused=True)  # GRU: c0 is unused
+    ref_loss = (r_out * w_out).sum() + (r_h * w_h).sum() + (r_c * w_c).sum()
+    ref_grads = torch.autograd.grad(ref_loss, params + ref_inputs, allow_unused=True)
+    for name, a, b in zip([n for n, _ in rim.named_parameters()] + ["x", "h0", "c0"], grads, ref_grads, strict=True):
+        if a is None:
+            assert b is None or not b.any(), name
+            continue
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_inactive_units_keep_state_exactly():
+    rim = make_rim()
+    x, h0, c0 = random_inputs(L=1, B=8)
+    _, (h, c), info = rim(x, (h0, c0))
+    mask = info.activation_mask[0]  # (B, K)
+    assert (~mask).any()
+    for b, k in (~mask).nonzero().tolist():
+        assert torch.equal(unit(h[b], k), unit(h0[b], k))
+        assert torch.equal(unit(c[b], k), unit(c0[b], k))
+    for b, k in mask.nonzero().tolist():
+        assert not torch.equal(unit(h[b], k), unit(h0[b], k))
+
+
+def test_exactly_k_active_winners_per_sample():
+    for k_active in range(1, K + 1):
+        rim = make_rim(k_active=k_active)
+        x, h0, c0 = random_inputs(L=5, B=6, N=3)
+        _, _, info = rim(x, (h0, c0))
+        assert info.activation_mask.dtype == torch.bool
+        assert (info.activation_mask.sum(-1) == k_active).all()
+
+
+def test_winners_have_least_null_attention():
+    rim = make_rim()
+    x, h0, c0 = random_inputs(L=5, B=6, N=3)
+    _, _, info = rim(x, (h0, c0))
+    null = info.null_attention
+    mask = info.activation_mask
+    worst_winner = null.masked_fill(~mask, -math.inf).amax(-1)
+    best_loser = null.masked_fill(mask, math.inf).amin(-1)
+    assert (worst_winner <= best_loser).all()
+    # and the null attention is the head average of a softmax over N + 1 elements, null first
+    torch.testing.assert_close(info.input_attention.sum(-1), torch.ones_like(null))
+
+
+def test_null_key_and_value_are_exactly_zero():
+    rim = make_rim()
+    null = torch.zeros(3, D, dtype=torch.double)
+    assert rim.input_key.bias is None and rim.input_value.bias is None
+    assert torch.equal(rim.input_key(null), torch.zeros(3, rim.input_heads * rim.input_key_size, dtype=torch.double))
+    assert torch.equal(rim.input_value(null), torch.zeros(3, rim.input_value_size, dtype=torch.double))
+
+
+def test_without_communication_or_competition_units_are_independent():
+    rim = make_rim(communication=False, k_active=K)
+    x, h0, c0 = random_inputs(L=8)
+    out, _, _ = rim(x, (h0, c0))
+    j = 2
+    with torch.no_grad():
+        for p in (rim.query_weight, rim.weight_ih, rim.weight_hh, rim.bias_ih):
+            p[j] += 0.5 * torch.randn_like(p[j])
+    out2, _, _ = rim(x, (h0, c0))
+    for k in range(K):
+        same = torch.equal(unit(out2, k), unit(out, k))
+        assert same == (k != j), f"unit {k}"
+
+
+def test_without_communication_units_interact_only_through_the_competition():
+    """Changing unit j's parameters changes another unit's trajectory only from the first step where the winner
+    sets differ."""
+    rim = make_rim(communication=False, k_active=2)
+    x, h0, c0 = random_inputs(L=12, B=8)
+    out, _, info = rim(x, (h0, c0))
+    j = 1
+    with torch.no_grad():
+        rim.weight_hh[j] += torch.randn_like(rim.weight_hh[j])
+        rim.query_bias[j] += torch.randn_like(rim.query_bias[j])
+    out2, _, info2 = rim(x, (h0, c0))
+    differ = (info.activation_mask != info2.activation_mask).any(-1)  # (L, B)
+    first_change = torch.where(differ.any(0), differ.float().argmax(0), torch.full((8,), 12))
+    for b in range(8):
+        t0 = int(first_change[b])
+        for k in range(K):
+            if k != j:
+                assert torch.equal(unit(out2[:t0, b], k), unit(out[:t0, b], k))
+    assert differ.any(), "the perturbation should change some competition, or the test checks nothing"
+
+
+def test_gradient_reaches_an_inactive_units_earlier_state():
+    rim = make_rim(communication=False)
+    x, h0, c0 = random_inputs(L=1, B=1)
+    h0.requires_grad_()
+    out, _, info = rim(x, (h0, c0))
+    loser = int((~info.activation_mask[0, 0]).nonzero()[0])
+    (grad,) = torch.autograd.grad(unit(out[0], loser).sum(), h0)
+    assert torch.equal(unit(grad, loser), torch.ones(1, H, dtype=torch.double))  # the kept state is an identity
+    # with communication, the winners' update reads the loser, and a loss on the winners reaches it too
+    rim = make_rim()
+    out, _, info = rim(x, (h0, c0))
+    loser = int((~info.activation_mask[0, 0]).nonzero()[0])
+    winners = info.activation_mask[0, 0].nonzero().flatten().tolist()
+    (grad,) = torch.autograd.grad(sum(unit(out[0], k).sum() for k in winners), h0)
+    assert unit(grad, loser).abs().sum() > 0
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("n_elements", [1, 4])
+def test_one_sequence_call_equals_step_by_step_calls(cell, n_elements):
+    for mode in ("train_without_dropout", "eval_with_dropout"):
+        rim = make_rim(cell=cell, dropout=0.0 if mode == "train_without_dropout" else 0.3)
+        rim.train(mode == "train_without_dropout")
+        x, h0, c0 = random_inputs(L=7, N=n_elements)
+        starts = torch.zeros(7, 4)
+        starts[4, 2] = 1
+        out, (h, c), info = rim(x, (h0, c0), episode_starts=starts)
+        state = (h0, c0)
+        for t in range(7):
+            o, state, i = rim(x[t : t + 1], state, episode_starts=starts[t : t + 1])
+            torch.testing.assert_close(o[0], out[t])
+            assert torch.equal(i.activation_mask[0], info.activation_mask[t])
+            torch.testing.assert_close(i.input_attention[0], info.input_attention[t])
+        torch.testing.assert_close(state[0], h)
+        torch.testing.assert_close(state[1], c)
+
+
+def test_episode_start_resets_the_state_to_zero():
+    rim = make_rim()
+    x, h0, c0 = random_inputs(L=5)
+    starts = torch.zeros(5, 4)
+    starts[2] = 1
+    out, _, _ = rim(x, (h0, c0), episode_starts=starts)
+    fresh, _, _ = rim(x[2:], None)
+    torch.testing.assert_close(out[2:], fresh)
+
+
+def test_gru_has_no_cell_state_and_lstm_does():
+    x, h0, c0 = random_inputs()
+    _, (_, c), _ = make_rim(cell="gru")(x, (h0, c0))
+    assert torch.equal(c, torch.zeros_like(c))
+    _, (_, c), _ = make_rim(cell="lstm")(x, (h0, c0))
+    assert c.abs().sum() > 0
+
+
+def test_ablations_input_attention_off_and_all_units_active():
+    x, h0, c0 = random_inputs(N=3)
+    _, _, info = make_rim(input_attention=False)(x, (h0, c0))
+    assert info.activation_mask.all()
+    assert torch.equal(info.null_attention, torch.zeros_like(info.null_attention))
+    assert make_rim(input_attention=False).input_key is None
+    _, _, info = make_rim(k_active=K)(x, (h0, c0))
+    assert info.activation_mask.all()
+    assert make_rim(communication=False).comm_qkv is None
+
+
+def test_per_unit_parameters_are_distinct_and_lstm_forget_bias_is_one():
+    rim = RIM(D, num_units=K, unit_size=H)
+    for p in (rim.query_weight, rim.weight_ih, rim.weight_hh, rim.comm_qkv, rim.comm_out):
+        assert not torch.equal(p[0], p[1])
+    assert torch.equal(rim.bias_ih[:, 0, H : 2 * H], torch.ones(K, H))
+
+
+def test_defaults_follow_the_papers_table_3():
+    rim = RIM(D)
+    assert (rim.num_units, rim.unit_size, rim.k_active) == (6, 100, 4)
+    assert (rim.input_key_size, rim.input_value_size, rim.input_heads) == (64, 400, 4)
+    assert (rim.comm_key_size, rim.comm_value_size, rim.comm_heads) == (32, 32, 4)
+    assert rim.dropout == 0.1
+    assert (rim.hidden_size, rim.num_layers) == (600, 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(k_active=0), "k_active must be an integer in [1, num_units=6]"),
+        (dict(k_active=7), "k_active must be an integer in [1, num_units=6]"),
+        (dict(num_units=0), "num_units must be a positive integer"),
+        (dict(unit_size=-3), "unit_size must be a positive integer"),
+        (dict(cell="rnn"), "cell must be one of lstm, gru"),
+        (dict(input_heads=3), "input_heads=3 must divide input_value_size=400"),
+        (dict(dropout=1.0), "dropout must be in [0, 1)"),
+        (dict(comm_heads=2.5), "comm_heads must be a positive integer"),
+    ],
+)
+def test_bad_arguments_raise_a_sentence_naming_the_argument(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        RIM(D, **kwargs)
+    assert message in str(err.value)
+
+
+def test_bad_input_shapes_are_rejected():
+    rim = make_rim()
+    with pytest.raises(ValueError, match="input must have shape"):
+        rim(torch.randn(3, 2, D + 1, dtype=torch.double))
+    with pytest.raises(ValueError, match="state must be a pair"):
+        rim(torch.randn(3, 2, D, dtype=torch.double), (torch.zeros(2, 5), torch.zeros(2, 5)))
+
+
+def test_moves_between_dtypes_and_devices():
+    rim = make_rim().float()
+    x = torch.randn(4, 3, D)
+    out, (h, _), info = rim(x)
+    assert out.dtype == torch.float32 and h.shape == (3, K * H)
+    if torch.cuda.is_available():
+        out_gpu, _, info_gpu = rim.cuda()(x.cuda())
+        torch.testing.assert_close(out_gpu.cpu(), out, atol=1e-5, rtol=1e-4)
+        assert torch.equal(info_gpu.activation_mask.cpu(), info.activation_mask)
