@@ -26,6 +26,11 @@ def input_set_shape(extractor: nn.Module, features_dim: int) -> tuple[int, int]:
     return set_size, features_dim // set_size
 
 
+def _positions(n: int) -> th.Tensor:
+    """``n`` coordinates evenly spread over [-1, 1] (0 for a single position)."""
+    return th.linspace(-1.0, 1.0, n) if n > 1 else th.zeros(1)
+
+
 class NatureCNNGrid(BaseFeaturesExtractor):
     """The Nature-DQN convolutional stack (Mnih et al., 2015), read as a set of spatial positions.
 
@@ -61,8 +66,8 @@ class NatureCNNGrid(BaseFeaturesExtractor):
         self.set_size = height * width
         self.element_size = element_size
         if coordinates:
-            rows = th.linspace(-1.0, 1.0, height).view(height, 1).expand(height, width)
-            cols = th.linspace(-1.0, 1.0, width).view(1, width).expand(height, width)
+            rows = _positions(height).view(height, 1).expand(height, width)
+            cols = _positions(width).view(1, width).expand(height, width)
             self.register_buffer("coords", th.stack([rows, cols], dim=-1).reshape(1, height * width, 2))
         else:
             self.coords = None

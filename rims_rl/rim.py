@@ -11,11 +11,12 @@ This module imports only torch: it can be used outside reinforcement learning.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["RIM", "RIMInfo"]
 
@@ -284,262 +285,368 @@ class RIM(nn.Module):
                     f"got {tuple(h0.shape)} and {tuple(c0.shape)}"
                 )
         # Unit-major layout (K, B, H) inside the loop, so per-unit weights apply with one bmm.
-        h = h0.reshape(B, K, H).transpose(0, 1).contiguous()
-        c = c0.reshape(B, K, H).transpose(0, 1).contiguous() if self.cell == "lstm" else None
+        h0 = h0.reshape(B, K, H).transpose(0, 1)
+        c0 = c0.reshape(B, K, H).transpose(0, 1) if self.cell == "lstm" else None
 
-        # Steps at which some sample starts a new episode (one host sync for the whole sequence).
-        reset_steps: list[bool] = [False] * L
-        keep_steps: tuple[Tensor, ...] = ()
+        keep = None
         if episode_starts is not None:
-            starts = episode_starts.reshape(L, B).to(x.dtype)
-            reset_steps = (starts != 0).any(dim=1).tolist()
-            keep_steps = (1.0 - starts).view(L, 1, B, 1).unbind(0)
-
-        # Per-unit weights used at every step. Under autograd their gradients are computed once for the whole
-        # sequence (see _SequenceWeight), as fused RNN kernels do, instead of once per step.
-        track = torch.is_grad_enabled()
-        w_ih = _SequenceWeight(self.weight_ih, self.bias_ih, track)
-        w_hh = _SequenceWeight(self.weight_hh, self.bias_hh, track)  # LSTM: bias_ih already holds both biases
-        w_comm_qkv = w_comm_out = None
-        if self.comm_qkv is not None and self.comm_out is not None:
-            w_comm_qkv = _SequenceWeight(self.comm_qkv, None, track)
-            w_comm_out = _SequenceWeight(self.comm_out, self.comm_out_bias, track)
+            keep = (1.0 - episode_starts.reshape(L, B).to(x.dtype)).view(L, 1, B, 1)
 
         # ---- Step-independent work, once for the whole sequence (§2.3: keys and values of the input set) -----
         Hi, dk = self.input_heads, self.input_key_size
         dv = self.input_value_size // Hi
         values = self.input_value(x)  # (L, B, N, Hi*dv); the null element's value is zero and is left out
+        keys = gates_x = None
         mode = "none" if not self.input_attention else ("vector" if N == 1 else "set")
         if mode == "none":
-            # Every unit reads the mean of the input values (uniform attention over the real elements), and the
-            # read does not depend on the state: the input side of the dynamics is computed for all steps at once.
-            gates_x_steps = (torch.einsum("lbv,kvg->lkbg", values.mean(dim=2), self.weight_ih) + self.bias_ih).unbind(0)
+            # Every unit reads the mean of the input values (uniform attention over the real elements); the read
+            # does not depend on the state, so the input side of the dynamics is computed for all steps at once.
+            gates_x = torch.einsum("lbv,kvg->lkbg", values.mean(dim=2), self.weight_ih) + self.bias_ih
+            values = None
         else:
             assert self.input_key is not None
-            w_query = _SequenceWeight(self.query_weight, self.query_bias, track)
             keys = self.input_key(x) * (1.0 / math.sqrt(dk))
             if mode == "vector":
-                # unbind, not [t]: its backward stacks the step gradients once instead of a full-size zero each step
-                key_steps = keys.view(L, B, Hi, dk).unbind(0)
-                value_steps = values.view(L, B, Hi, dv).unbind(0)
+                keys, values = keys.view(L, B, Hi, dk), values.view(L, B, Hi, dv)
             else:
-                key_steps = keys.view(L, B, N, Hi, dk).permute(0, 1, 3, 4, 2).unbind(0)  # (B, Hi, dk, N)
-                value_steps = values.view(L, B, N, Hi, dv).transpose(2, 3).unbind(0)  # (B, Hi, N, dv)
-        all_active = torch.ones(K, B, dtype=torch.bool, device=x.device)
-        no_winner = torch.zeros(K, B, dtype=torch.bool, device=x.device)
+                keys = keys.view(L, B, N, Hi, dk).permute(0, 1, 3, 4, 2)  # (L, B, Hi, dk, N)
+                values = values.view(L, B, N, Hi, dv).transpose(2, 3)  # (L, B, Hi, N, dv)
 
-        outputs: list[Tensor] = []
-        masks: list[Tensor] = []
-        attentions: list[Tensor] = []  # per step: (K, B) attention on the real input (vector) or (K, B, N+1)
-        for t in range(L):
-            if reset_steps[t]:
-                h = h * keep_steps[t]
-                if c is not None:
-                    c = c * keep_steps[t]
+        cfg = _LoopConfig(
+            mode=mode, cell=self.cell, k_active=self.k_active, dropout=self.dropout if self.training else 0.0,
+            heads=Hi, key_size=dk, comm_heads=self.comm_heads, comm_key_size=self.comm_key_size,
+            comm_value_size=self.comm_value_size, communication=self.communication,
+        )  # fmt: skip
+        weights = (
+            self.query_weight, self.query_bias, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh,
+            self.comm_qkv, self.comm_out, self.comm_out_bias,
+        )  # fmt: skip
+        if torch.is_grad_enabled():
+            outputs, h_n, c_n, masks, attention = _RIMSequence.apply(cfg, keys, values, gates_x, h0, c0, keep, *weights)
+        else:
+            outputs, h_n, c_n, masks, attention, _ = _run_loop(cfg, keys, values, gates_x, h0, c0, keep, weights)
 
-            # ---- 1-2. Input attention and selection (§2.3) --------------------------------------------------
-            if mode == "none":
-                gates_x = gates_x_steps[t]
-                active = all_active
-            else:
-                q = w_query.bmm(h).view(K, B, Hi, dk)
-                if mode == "vector":
-                    # Softmax over {null, x} where the null score is exactly 0: the weight on x is sigmoid(score).
-                    p = torch.sigmoid((q * key_steps[t]).sum(-1))  # (K, B, Hi)
-                    on_input = p.mean(-1)  # (K, B) = 1 - null attention
-                    attentions.append(on_input.detach())
-                    p = F.dropout(p, self.dropout, self.training)
-                    read = p.unsqueeze(-1) * value_steps[t]  # (K, B, Hi, dv)
-                else:
-                    scores = torch.matmul(q.permute(1, 2, 0, 3), key_steps[t])  # (B, Hi, K, N)
-                    a = torch.softmax(F.pad(scores, (1, 0)), dim=-1)  # the null score, 0, in column 0
-                    attention = a.mean(1).transpose(0, 1)  # (K, B, N+1)
-                    attentions.append(attention.detach())
-                    on_input = -attention[..., 0]
-                    a = F.dropout(a[..., 1:], self.dropout, self.training)
-                    read = torch.matmul(a, value_steps[t]).permute(2, 0, 1, 3)  # (K, B, Hi, dv)
-                gates_x = w_ih.bmm(read.reshape(K, B, Hi * dv))
-                if self.k_active == K:
-                    active = all_active
-                else:  # §2.3: the k_A units with the least attention on the null element
-                    winners = torch.topk(on_input, self.k_active, dim=0).indices  # (k_A, B)
-                    active = no_winner.scatter(0, winners, True)
-            m = active.unsqueeze(-1)
-
-            # ---- 3. Independent dynamics (§2.1): all units computed, the losers' state kept exactly -----------
-            if c is not None:
-                h, c = _LSTMUpdate.apply(w_hh.bmm(h, add=gates_x), h, c, m)
-            else:
-                gates_h = w_hh.bmm(h)
-                rz = torch.sigmoid(gates_x[..., : 2 * H] + gates_h[..., : 2 * H])
-                r, z = rz.split(H, dim=-1)
-                n = torch.tanh(torch.addcmul(gates_x[..., 2 * H :], r, gates_h[..., 2 * H :]))
-                h_new = torch.addcmul(n, z, h - n)  # (1 - z) * n + z * h
-                h = torch.where(m, h_new, h)
-
-            # ---- 4. Communication (§2.4): the active units read all units, with a residual ------------------
-            if w_comm_qkv is not None and w_comm_out is not None:
-                h = _GatedResidual.apply(self._communicate(h, w_comm_qkv, w_comm_out), h, m)
-
-            outputs.append(h)
-            masks.append(active)
-
-        output = torch.stack(outputs).permute(0, 2, 1, 3).reshape(L, B, K * H)
-        h_n = h.transpose(0, 1).reshape(B, K * H)
-        c_n = c.transpose(0, 1).reshape(B, K * H) if c is not None else torch.zeros_like(h_n)
+        output = outputs.permute(0, 2, 1, 3).reshape(L, B, K * H)
+        h_n = h_n.transpose(0, 1).reshape(B, K * H)
+        c_n = c_n.transpose(0, 1).reshape(B, K * H) if c_n is not None else torch.zeros_like(h_n)
         if mode == "none":
             input_attention = torch.cat([x.new_zeros(L, B, K, 1), x.new_full((L, B, K, N), 1.0 / N)], dim=-1)
         elif mode == "vector":
-            on_input = torch.stack(attentions).transpose(1, 2)  # (L, B, K)
+            on_input = attention.transpose(1, 2)  # (L, B, K)
             input_attention = torch.stack([1.0 - on_input, on_input], dim=-1)
         else:
-            input_attention = torch.stack(attentions).transpose(1, 2)
-        info = RIMInfo(activation_mask=torch.stack(masks).transpose(1, 2), input_attention=input_attention)
+            input_attention = attention.transpose(1, 2)
+        info = RIMInfo(activation_mask=masks.transpose(1, 2), input_attention=input_attention)
         return output, (h_n, c_n), info
 
-    def _communicate(self, h: Tensor, w_qkv: _SequenceWeight, w_out: _SequenceWeight) -> Tensor:
-        """Multi-head attention of every unit over all units: ``(K, B, H)`` in, the pre-activations of the
-        update and its gate ``(K, B, 2H)`` out."""
-        K, B, _ = h.shape
-        Hc, dk, dv = self.comm_heads, self.comm_key_size, self.comm_value_size
-        qkv = w_qkv.bmm(h).view(K, B * Hc, 2 * dk + dv).transpose(0, 1)  # (B*Hc, K, 2dk+dv)
-        q, k, v = qkv.split((dk, dk, dv), dim=-1)
-        scores = torch.bmm(q, k.transpose(1, 2)) * (1.0 / math.sqrt(dk))  # (B*Hc, K, K)
-        a = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
-        read = torch.bmm(a, v).transpose(0, 1).reshape(K, B, Hc * dv)
-        return w_out.bmm(read)
+
+# ====================================================================================================================
+# The sequence loop and its hand-written backward (back-propagation through time)
+# ====================================================================================================================
+class _LoopConfig(NamedTuple):
+    mode: str  # "vector" (N = 1), "set" (N > 1) or "none" (input attention off)
+    cell: str
+    k_active: int
+    dropout: float  # 0 in eval mode
+    heads: int
+    key_size: int
+    comm_heads: int
+    comm_key_size: int
+    comm_value_size: int
+    communication: bool
 
 
-class _SequenceWeight:
-    """A per-unit weight ``(K, in, out)`` (and optional bias ``(K, 1, out)``) applied at every step of a sequence.
+def _dropout_mask(like: Tensor, p: float) -> Tensor:
+    return torch.empty_like(like).bernoulli_(1.0 - p).div_(1.0 - p)
 
-    Plain autograd computes the weight's gradient at every step: a ``(K, in, out)`` product contracted over the
-    batch only, memory-bound for small batches, plus an accumulation. Here each step's backward only keeps its
-    input and output-gradient, and the weight's (and bias's) gradient is computed once, from all steps stacked,
-    when backward reaches the start of the sequence. Without autograd (or for frozen weights) it is a plain
-    ``baddbmm``.
+
+def _run_loop(
+    cfg: _LoopConfig,
+    keys: Tensor | None,
+    values: Tensor | None,
+    gates_x_all: Tensor | None,
+    h: Tensor,
+    c: Tensor | None,
+    keep: Tensor | None,
+    weights: tuple[Tensor | None, ...],
+    tape: list[dict[str, Any]] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, list[dict[str, Any]] | None]:
+    """Run the RIM over a sequence (no autograd). With ``tape``, record what the backward pass needs.
+
+    ``h``, ``c`` are ``(K, B, H)``. Returns outputs ``(L, K, B, H)``, ``h_n``, ``c_n``, activation masks
+    ``(L, K, B)``, the attention that decided them (vector: ``(L, K, B)`` on the input; set: ``(L, K, B, N+1)``;
+    none: None) and the tape.
     """
+    wq, bq, wih, bih, whh, bhh, wqkv, wout, bout = weights
+    K, B, H = h.shape
+    L = (keys if keys is not None else gates_x_all).shape[0]  # type: ignore[union-attr]
+    Hi, dk = cfg.heads, cfg.key_size
+    Hc, ck, cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
+    drop = cfg.dropout
+    lstm = cfg.cell == "lstm"
+    reset_steps = (keep != 1).flatten(1).any(1).tolist() if keep is not None else [False] * L
+    all_active = torch.ones(K, B, dtype=torch.bool, device=h.device)
+    no_winner = torch.zeros(K, B, dtype=torch.bool, device=h.device)
+    outputs, masks, attentions = [], [], []
+    for t in range(L):
+        rec: dict[str, Any] = {}
+        if reset_steps[t]:  # sb3-contrib's convention: the state is zeroed before the first step of an episode
+            assert keep is not None
+            h = h * keep[t]
+            if c is not None:
+                c = c * keep[t]
+            rec["reset"] = True
+        rec["h"], rec["c"] = h, c
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, track: bool) -> None:
-        self.weight, self.bias = weight, bias
-        self.pairs: list[tuple[Tensor, Tensor]] = []
-        self.tracked = track and (weight.requires_grad or (bias is not None and bias.requires_grad))
-        if self.tracked:
-            # The aliases are graph inputs of every step's product; their backward runs after all of the steps'.
-            self.weight, self.bias = _WeightTap.apply(weight, bias, self)
-
-    def bmm(self, x: Tensor, add: Tensor | None = None) -> Tensor:
-        """``add + bias + x @ weight`` for ``x`` of shape ``(K, B, in)``; ``add`` is ``(K, B, out)`` or None."""
-        if self.tracked:
-            return _TappedBmm.apply(x, self.weight, self.bias, add, self)
-        return _baddbmm(x, self.weight, self.bias, add)
-
-
-def _baddbmm(x: Tensor, weight: Tensor, bias: Tensor | None, add: Tensor | None) -> Tensor:
-    base = add if bias is None else (bias if add is None else add + bias)
-    return torch.bmm(x, weight) if base is None else torch.baddbmm(base, x, weight)
-
-
-class _WeightTap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight: Tensor, bias: Tensor | None, owner: _SequenceWeight):  # type: ignore[override]
-        ctx.owner = owner
-        ctx.has_bias = bias is not None
-        ctx.set_materialize_grads(False)
-        return weight.view_as(weight), (bias.view_as(bias) if bias is not None else None)
-
-    @staticmethod
-    def backward(ctx, grad_w: Tensor | None, grad_b: Tensor | None):  # type: ignore[override]
-        pairs = ctx.owner.pairs
-        if not pairs:
-            return grad_w, grad_b, None
-        x = torch.cat([p[0] for p in pairs], dim=1)  # (K, steps*B, in)
-        gy = torch.cat([p[1] for p in pairs], dim=1)  # (K, steps*B, out)
-        pairs.clear()
-        dw = torch.bmm(x.transpose(1, 2), gy)
-        dw = dw if grad_w is None else dw + grad_w
-        db = None
-        if ctx.has_bias:
-            db = gy.sum(1, keepdim=True)
-            db = db if grad_b is None else db + grad_b
-        return dw, db, None
-
-
-class _TappedBmm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, add, owner):  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
-        ctx.owner = owner
-        return _baddbmm(x, weight, bias, add)
-
-    @staticmethod
-    def backward(ctx, gy: Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        ctx.owner.pairs.append((x, gy))
-        dx = torch.bmm(gy, weight.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        dadd = gy if ctx.needs_input_grad[3] else None
-        return dx, None, None, dadd, None
-
-
-class _LSTMUpdate(torch.autograd.Function):
-    """The LSTM cell's element-wise part for all units at once, keeping the inactive units' state exactly.
-
-    ``gates`` ``(K, B, 4H)`` in order (i, f, o, g); ``h``, ``c`` ``(K, B, H)``; ``mask`` ``(K, B, 1)`` bool.
-    Returns ``(where(mask, o * tanh(c'), h), where(mask, c', c))`` with ``c' = f * c + i * g``. One autograd node
-    with a hand-written backward instead of a dozen (the RIM step is dominated by per-op overhead on CPU).
-    """
-
-    @staticmethod
-    def forward(ctx, gates: Tensor, h: Tensor, c: Tensor, mask: Tensor):  # type: ignore[override]
-        H = h.shape[-1]
-        ifo, g = gates.split((3 * H, H), dim=-1)
-        ifo = torch.sigmoid(ifo)
-        g = torch.tanh(g)
-        i, f, o = ifo.split(H, dim=-1)
-        c_new = torch.addcmul(f * c, i, g)
-        tanh_c = torch.tanh(c_new)
-        ctx.save_for_backward(ifo, g, c, tanh_c, mask)
-        return torch.where(mask, o * tanh_c, h), torch.where(mask, c_new, c)
-
-    @staticmethod
-    def backward(ctx, dh: Tensor | None, dc: Tensor | None):  # type: ignore[override]
-        ifo, g, c, tanh_c, mask = ctx.saved_tensors
-        H = c.shape[-1]
-        i, f, o = ifo.split(H, dim=-1)
-        zero = dh.new_zeros(()) if dh is not None else dc.new_zeros(())  # type: ignore[union-attr]
-        dh_new = torch.where(mask, dh, zero) if dh is not None else None
-        dc_new = torch.where(mask, dc, zero) if dc is not None else torch.zeros_like(c)
-        if dh_new is not None:
-            d_o = dh_new * tanh_c
-            dc_new = torch.addcmul(dc_new, dh_new * o, 1.0 - tanh_c * tanh_c)
+        # ---- 1-2. Input attention and selection (§2.3) ----------------------------------------------------------
+        if cfg.mode == "none":
+            assert gates_x_all is not None
+            gx = gates_x_all[t]
+            active = all_active
         else:
-            d_o = torch.zeros_like(c)
-        d_ifo = torch.cat([dc_new * g, dc_new * c, d_o], dim=-1) * ifo * (1.0 - ifo)
-        d_g = dc_new * i * (1.0 - g * g)
-        d_gates = torch.cat([d_ifo, d_g], dim=-1)
-        dh_prev = torch.where(mask, zero, dh) if dh is not None else None
-        dc_prev = dc_new * f
-        if dc is not None:
-            dc_prev = dc_prev + torch.where(mask, zero, dc)
-        return d_gates, dh_prev, dc_prev, None
+            assert keys is not None and values is not None
+            q = torch.baddbmm(bq, h, wq).view(K, B, Hi, dk)
+            if cfg.mode == "vector":
+                # Softmax over {null, x} where the null score is exactly 0: the weight on x is sigmoid(score).
+                p = torch.sigmoid((q * keys[t]).sum(-1))  # (K, B, Hi)
+                on_input = p.mean(-1)  # (K, B) = 1 - null attention
+                attentions.append(on_input)
+                p_read = p
+                if drop > 0:
+                    rec["drop_in"] = _dropout_mask(p, drop)
+                    p_read = p * rec["drop_in"]
+                read = (p_read.unsqueeze(-1) * values[t]).reshape(K, B, -1)
+                rec.update(q=q, p=p, p_read=p_read)
+            else:
+                scores = torch.matmul(q.permute(1, 2, 0, 3), keys[t])  # (B, Hi, K, N)
+                a = torch.softmax(F.pad(scores, (1, 0)), dim=-1)  # the null score, 0, in column 0
+                attention = a.mean(1).transpose(0, 1)  # (K, B, N+1)
+                attentions.append(attention)
+                on_input = -attention[..., 0]
+                a_read = a[..., 1:]
+                if drop > 0:
+                    rec["drop_in"] = _dropout_mask(a_read, drop)
+                    a_read = a_read * rec["drop_in"]
+                read = torch.matmul(a_read, values[t]).permute(2, 0, 1, 3).reshape(K, B, -1)  # (K, B, Hi*dv)
+                rec.update(q=q, a=a, a_read=a_read)
+            gx = torch.baddbmm(bih, read, wih)
+            rec["read"] = read
+            if cfg.k_active == K:
+                active = all_active
+            else:  # the k_A units with the least attention on the null element
+                winners = torch.topk(on_input, cfg.k_active, dim=0).indices  # (k_A, B)
+                active = no_winner.scatter(0, winners, True)
+        m = active.unsqueeze(-1)
+        rec["m"] = m
+
+        # ---- 3. Independent dynamics (§2.1): all units computed, the losers' state kept exactly -----------------
+        if lstm:
+            assert c is not None
+            gates = torch.baddbmm(gx, h, whh)
+            ifo = torch.sigmoid(gates[..., : 3 * H])
+            g = torch.tanh(gates[..., 3 * H :])
+            i, f, o = ifo.split(H, dim=-1)
+            c_new = torch.addcmul(f * c, i, g)
+            tanh_c = torch.tanh(c_new)
+            h1 = torch.where(m, o * tanh_c, h)
+            c = torch.where(m, c_new, c)
+            rec.update(ifo=ifo, g=g, tanh_c=tanh_c)
+        else:
+            gh = torch.baddbmm(bhh, h, whh)
+            rz = torch.sigmoid(gx[..., : 2 * H] + gh[..., : 2 * H])
+            r, z = rz.split(H, dim=-1)
+            gh_n = gh[..., 2 * H :]
+            n = torch.tanh(torch.addcmul(gx[..., 2 * H :], r, gh_n))
+            h1 = torch.where(m, torch.addcmul(n, z, h - n), h)  # (1 - z) * n + z * h
+            rec.update(rz=rz, n=n, gh_n=gh_n)
+
+        # ---- 4. Communication (§2.4): active units read all units; gated, squashed residual ---------------------
+        if cfg.communication:
+            qkv = torch.bmm(h1, wqkv).view(K, B * Hc, 2 * ck + cv).transpose(0, 1)  # (B*Hc, K, 2ck+cv)
+            q2, k2, v2 = qkv.split((ck, ck, cv), dim=-1)
+            ac = torch.softmax(torch.bmm(q2, k2.transpose(1, 2)).mul_(1.0 / math.sqrt(ck)), dim=-1)  # (B*Hc, K, K)
+            ac_read = ac
+            if drop > 0:
+                rec["drop_c"] = _dropout_mask(ac, drop)
+                ac_read = ac * rec["drop_c"]
+            rc = torch.bmm(ac_read, v2).transpose(0, 1).reshape(K, B, Hc * cv)
+            pre = torch.baddbmm(bout, rc, wout)
+            update = torch.tanh(pre[..., :H])
+            gate = torch.sigmoid(pre[..., H:])
+            h2 = torch.where(m, torch.addcmul(h1, gate, update), h1)
+            rec.update(h1=h1, q2=q2, k2=k2, v2=v2, ac=ac, ac_read=ac_read, rc=rc, update=update, gate=gate)
+        else:
+            h2 = h1
+        h = h2
+        outputs.append(h)
+        masks.append(active)
+        if tape is not None:
+            tape.append(rec)
+    attention_out = torch.stack(attentions) if attentions else None
+    return torch.stack(outputs), h, c, torch.stack(masks), attention_out, tape
 
 
-class _GatedResidual(torch.autograd.Function):
-    """``where(mask, h + sigmoid(gate) * tanh(update), h)`` with ``pre = [update | gate]`` ``(K, B, 2H)``, as one
-    autograd node (§2.4 eq. 8, with the authors' gate and squashing)."""
+class _RIMSequence(torch.autograd.Function):
+    """The RIM loop as one autograd node with a hand-written backward through time.
+
+    Per-step autograd would record ~40 small ops per step and compute every weight gradient once per step (a
+    product contracted over the batch only, memory-bound for small batches). Here the backward loop computes only
+    the activation gradients per step and keeps (input, output-gradient) pairs; each weight gradient is then one
+    batched matmul over all steps, as fused RNN kernels do. Tests check it against a naive autograd reference.
+    """
 
     @staticmethod
-    def forward(ctx, pre: Tensor, h: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
-        update, gate = pre.chunk(2, dim=-1)
-        update = torch.tanh(update)
-        gate = torch.sigmoid(gate)
-        ctx.save_for_backward(update, gate, mask)
-        return torch.where(mask, torch.addcmul(h, gate, update), h)
+    def forward(ctx, cfg, keys, values, gates_x_all, h0, c0, keep, *weights):  # type: ignore[override]
+        tape: list[dict[str, Any]] = []
+        outputs, h_n, c_n, masks, attention, _ = _run_loop(cfg, keys, values, gates_x_all, h0, c0, keep, weights, tape)
+        ctx.cfg, ctx.tape, ctx.keep = cfg, tape, keep
+        ctx.save_for_backward(keys, values, *weights)
+        ctx.mark_non_differentiable(masks)
+        if attention is not None:
+            ctx.mark_non_differentiable(attention)
+        ctx.set_materialize_grads(False)
+        return outputs, h_n, c_n, masks, attention
 
     @staticmethod
-    def backward(ctx, dh: Tensor):  # type: ignore[override]
-        update, gate, mask = ctx.saved_tensors
-        dh_active = torch.where(mask, dh, dh.new_zeros(()))
-        d_update = dh_active * gate * (1.0 - update * update)
-        d_gate = dh_active * update * gate * (1.0 - gate)
-        return torch.cat([d_update, d_gate], dim=-1), dh, None
+    @once_differentiable
+    def backward(ctx, d_outputs, d_hn, d_cn, _d_masks, _d_attention):  # type: ignore[override]
+        cfg: _LoopConfig = ctx.cfg
+        tape: list[dict[str, Any]] = ctx.tape
+        keys, values, wq, bq, wih, bih, whh, bhh, wqkv, wout, bout = ctx.saved_tensors
+        L = len(tape)
+        K, B, H = tape[0]["h"].shape
+        Hi, dk = cfg.heads, cfg.key_size
+        Hc, ck, cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
+        lstm = cfg.cell == "lstm"
+        like = tape[0]["h"]
+        zero = like.new_zeros(())
+        dh = d_hn if d_hn is not None else torch.zeros_like(like)
+        dc = (d_cn if d_cn is not None else torch.zeros_like(like)) if lstm else None
+        # (input, output-gradient) pairs of each per-unit weight, over all steps
+        pairs: dict[str, tuple[list[Tensor], list[Tensor]]] = {n: ([], []) for n in ("q", "ih", "hh", "qkv", "out")}
+        d_keys, d_values, d_gates_x = [], [], []
+
+        for t in reversed(range(L)):
+            rec = tape[t]
+            if d_outputs is not None:
+                dh = dh + d_outputs[t]
+            m = rec["m"]
+            h, c = rec["h"], rec["c"]
+
+            # ---- 4. communication -------------------------------------------------------------------------------
+            if cfg.communication:
+                update, gate = rec["update"], rec["gate"]
+                dh_active = torch.where(m, dh, zero)
+                d_pre = torch.cat(
+                    [dh_active * gate * (1.0 - update * update), dh_active * update * gate * (1.0 - gate)], dim=-1
+                )
+                pairs["out"][0].append(rec["rc"])
+                pairs["out"][1].append(d_pre)
+                d_rc = torch.bmm(d_pre, wout.transpose(1, 2)).view(K, B * Hc, cv).transpose(0, 1)  # (B*Hc, K, cv)
+                ac, ac_read = rec["ac"], rec["ac_read"]
+                d_ac = torch.bmm(d_rc, rec["v2"].transpose(1, 2))
+                d_v2 = torch.bmm(ac_read.transpose(1, 2), d_rc)
+                if "drop_c" in rec:
+                    d_ac = d_ac * rec["drop_c"]
+                d_scores = ac * (d_ac - (d_ac * ac).sum(-1, keepdim=True))
+                d_scores = d_scores * (1.0 / math.sqrt(ck))
+                d_q2 = torch.bmm(d_scores, rec["k2"])
+                d_k2 = torch.bmm(d_scores.transpose(1, 2), rec["q2"])
+                d_qkv = torch.cat([d_q2, d_k2, d_v2], dim=-1).transpose(0, 1).reshape(K, B, -1)
+                pairs["qkv"][0].append(rec["h1"])
+                pairs["qkv"][1].append(d_qkv)
+                dh1 = torch.baddbmm(dh, d_qkv, wqkv.transpose(1, 2))  # residual + through q, k, v
+            else:
+                dh1 = dh
+
+            # ---- 3. dynamics ---------------------------------------------------------------------------------
+            dh1_active = torch.where(m, dh1, zero)
+            if lstm:
+                ifo, g, tanh_c = rec["ifo"], rec["g"], rec["tanh_c"]
+                i, f, o = ifo.split(H, dim=-1)
+                assert dc is not None
+                dc_active = torch.where(m, dc, zero)
+                d_o = dh1_active * tanh_c
+                dc_new = torch.addcmul(dc_active, dh1_active * o, 1.0 - tanh_c * tanh_c)
+                d_ifo = torch.cat([dc_new * g, dc_new * c, d_o], dim=-1) * ifo * (1.0 - ifo)
+                d_gates = torch.cat([d_ifo, dc_new * i * (1.0 - g * g)], dim=-1)
+                dc = torch.where(m, dc_new * f, dc)
+                d_gx = d_gh = d_gates
+                dh_prev = torch.where(m, zero, dh1)
+            else:
+                rz, n, gh_n = rec["rz"], rec["n"], rec["gh_n"]
+                r, z = rz.split(H, dim=-1)
+                d_n = dh1_active * (1.0 - z) * (1.0 - n * n)
+                d_rz = torch.cat([d_n * gh_n, dh1_active * (h - n)], dim=-1) * rz * (1.0 - rz)
+                d_gx = torch.cat([d_rz, d_n], dim=-1)
+                d_gh = torch.cat([d_rz, d_n * r], dim=-1)
+                dh_prev = torch.where(m, dh1 * z, dh1)
+            pairs["hh"][0].append(h)
+            pairs["hh"][1].append(d_gh)
+            dh_prev = torch.baddbmm(dh_prev, d_gh, whh.transpose(1, 2))
+
+            # ---- 1. input attention -----------------------------------------------------------------------------
+            if cfg.mode == "none":
+                d_gates_x.append(d_gx)
+            else:
+                pairs["ih"][0].append(rec["read"])
+                pairs["ih"][1].append(d_gx)
+                d_read = torch.bmm(d_gx, wih.transpose(1, 2))  # (K, B, Hi*dv)
+                q = rec["q"]  # (K, B, Hi, dk)
+                if cfg.mode == "vector":
+                    d_read = d_read.view(K, B, Hi, -1)
+                    p, p_read = rec["p"], rec["p_read"]
+                    d_p = (d_read * values[t]).sum(-1)  # (K, B, Hi)
+                    d_values.append((d_read * p_read.unsqueeze(-1)).sum(0))
+                    if "drop_in" in rec:
+                        d_p = d_p * rec["drop_in"]
+                    d_s = (d_p * p * (1.0 - p)).unsqueeze(-1)
+                    d_q = d_s * keys[t]  # (K, B, Hi, dk)
+                    d_keys.append((d_s * q).sum(0))
+                else:
+                    a, a_read = rec["a"], rec["a_read"]  # (B, Hi, K, N+1), (B, Hi, K, N)
+                    d_read = d_read.view(K, B, Hi, -1).permute(1, 2, 0, 3)  # (B, Hi, K, dv)
+                    d_a = torch.matmul(d_read, values[t].transpose(-1, -2))  # (B, Hi, K, N)
+                    d_values.append(torch.matmul(a_read.transpose(-1, -2), d_read))  # (B, Hi, N, dv)
+                    if "drop_in" in rec:
+                        d_a = d_a * rec["drop_in"]
+                    a_real = a[..., 1:]
+                    d_scores = a_real * (d_a - (d_a * a_real).sum(-1, keepdim=True))  # null column: no read
+                    q_b = q.permute(1, 2, 0, 3)  # (B, Hi, K, dk)
+                    d_q = torch.matmul(d_scores, keys[t].transpose(-1, -2)).permute(2, 0, 1, 3)  # (K, B, Hi, dk)
+                    d_keys.append(torch.matmul(q_b.transpose(-1, -2), d_scores))  # (B, Hi, dk, N)
+                d_q = d_q.reshape(K, B, Hi * dk)
+                pairs["q"][0].append(h)
+                pairs["q"][1].append(d_q)
+                dh_prev = torch.baddbmm(dh_prev, d_q, wq.transpose(1, 2))
+
+            if rec.get("reset"):
+                dh_prev = dh_prev * ctx.keep[t]
+                if dc is not None:
+                    dc = dc * ctx.keep[t]
+            dh = dh_prev
+
+        def weight_grad(name: str, with_bias: bool) -> tuple[Tensor | None, Tensor | None]:
+            xs, gys = pairs[name]
+            if not xs:
+                return None, None
+            x = torch.cat(xs, dim=1)  # (K, L*B, in)
+            gy = torch.cat(gys, dim=1)  # (K, L*B, out)
+            return torch.bmm(x.transpose(1, 2), gy), (gy.sum(1, keepdim=True) if with_bias else None)
+
+        d_wq, d_bq = weight_grad("q", True)
+        d_wih, d_bih = weight_grad("ih", True)
+        d_whh, d_bhh = weight_grad("hh", not lstm)
+        d_wqkv, _ = weight_grad("qkv", False)
+        d_wout, d_bout = weight_grad("out", True)
+        if cfg.mode == "none":
+            d_gates_all = torch.stack(d_gates_x[::-1])
+            d_keys_all = d_values_all = None
+        else:
+            d_gates_all = None
+            d_keys_all = torch.stack(d_keys[::-1])
+            d_values_all = torch.stack(d_values[::-1])
+        return (
+            None, d_keys_all, d_values_all, d_gates_all, dh, dc, None,
+            d_wq, d_bq, d_wih, d_bih, d_whh, d_bhh, d_wqkv, d_wout, d_bout,
+        )  # fmt: skip

@@ -1,0 +1,119 @@
+"""The ``rims-rl`` command line, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rims_rl.cli import main
+
+TINY = ["--total-timesteps", "256", "--n-envs", "2", "--no-progress", "--set", "ppo.n_steps=32",
+        "--set", "ppo.batch_size=64", "--set", "ppo.n_epochs=1", "--set", "eval.episodes=2"]  # fmt: skip
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("rims-rl")
+    env = dict(os.environ, WANDB_SILENT="true")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "rims"
+    proc = run_cli("train", "--env", "CartPoleNoVel-v1", "--policy", "rims", "--run-dir", str(run_dir), *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert "evaluation: CartPoleNoVel-v1: mean return" in proc.stdout
+    return run_dir
+
+
+def test_train_writes_a_complete_run_directory(trained_run):
+    for name in ("config.yaml", "run.json", "progress.csv", "model.zip", "eval.json"):
+        assert (trained_run / name).is_file(), name
+    meta = json.loads((trained_run / "run.json").read_text())
+    assert meta["status"] == "finished" and meta["timesteps"] == 256 and meta["policy"] == "rims"
+    config = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert config["ppo"]["n_steps"] == 32 and config["rim"]["num_units"] == 6  # resolved: every key present
+    rows = list(csv.DictReader((trained_run / "progress.csv").open()))
+    assert rows and "rim/activation_rate/unit_0" in rows[-1]
+    rates = [float(rows[-1][f"rim/activation_rate/unit_{j}"]) for j in range(6)]
+    assert sum(rates) == pytest.approx(4.0)  # k_active of 6 units active at every step
+    assert meta["wandb"]["mode"] == "offline"
+    wandb_files = list(Path(meta["wandb"]["dir"]).glob("run-*.wandb"))
+    assert wandb_files and wandb_files[0].stat().st_size > 0
+
+
+def test_evaluate_prints_and_records_the_score(trained_run):
+    proc = run_cli("evaluate", str(trained_run), "--episodes", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["episodes"] == 3 and result["deterministic"] is True and len(result["returns"]) == 3
+    assert (trained_run / "evaluations.jsonl").read_text().count("\n") == 1
+    proc = run_cli("evaluate", str(trained_run), "--episodes", "2", "--no-deterministic")
+    assert proc.returncode == 0 and "mean return" in proc.stdout and "stochastic" in proc.stdout
+
+
+def test_lstm_policy_trains_with_the_same_command(tmp_path):
+    code = main(["train", "--env", "CartPoleNoVel-v1", "--policy", "lstm", "--run-dir", str(tmp_path / "lstm"),
+                 "--wandb", "disabled", *TINY])  # fmt: skip
+    assert code == 0
+    assert yaml.safe_load((tmp_path / "lstm" / "config.yaml").read_text())["policy"] == "lstm"
+
+
+def test_envs_lists_families_and_ids(capsys):
+    assert main(["envs"]) == 0
+    out = capsys.readouterr().out
+    assert "classic:" in out and "CartPoleNoVel-v1" in out and "PendulumNoVel-v1" in out
+
+
+def test_config_prints_the_resolved_configuration(capsys):
+    assert main(["config", "--env", "CartPoleNoVel-v1", "--set", "rim.k_active=5"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["rim"]["k_active"] == 5
+    assert main(["config", "--keys"]) == 0
+    assert "rim.k_active" in capsys.readouterr().out
+
+
+BAD_INPUTS = [
+    (["train", "--env", "CartPolNoVel-v1"], "unknown env id 'CartPolNoVel-v1'; did you mean CartPoleNoVel-v1"),
+    (["train", "--env", "CartPoleNoVel-v1", "--policy", "gru"], "argument --policy: invalid choice: 'gru'"),
+    (["train", "--env", "CartPoleNoVel-v1", "--set", "rim.k_actve=2"], "did you mean 'rim.k_active'?"),
+    (["train", "--env", "CartPoleNoVel-v1", "--set", "rim.k_active=7"], "rim.k_active=7 must be in [1, rim.num_units=6]"),
+    (["train", "--env", "CartPoleNoVel-v1", "--n-envs", "0"], "config key 'n_envs' = 0"),
+    (["train", "--env", "Acrobot-v1"], "pass --config FILE"),
+    (["evaluate", "/no/such/run"], "run directory /no/such/run does not exist"),
+    (["train"], "the following arguments are required: --env"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_gets_one_line_and_exit_code_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_existing_run_directory_is_refused_unless_overwrite(trained_run, capsys):
+    before = sorted(p.name for p in trained_run.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--env", "CartPoleNoVel-v1", "--run-dir", str(trained_run), *TINY])
+    assert exit_info.value.code == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in trained_run.iterdir()) == before
+
+
+def test_console_script_reports_bad_input_without_traceback():
+    proc = run_cli("train", "--env", "NoSuchEnv-v0")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("rims-rl: error: unknown env id 'NoSuchEnv-v0'")
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
