@@ -11,7 +11,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 
 from envs import make_env
 
-__all__ = ["EvalResult", "evaluate", "EVAL_SEED_OFFSET"]
+__all__ = ["EVAL_SEED_OFFSET", "EvalResult", "evaluate"]
 
 EVAL_SEED_OFFSET = 10_000
 """Evaluation envs are seeded ``seed + EVAL_SEED_OFFSET``, disjoint from training seeds ``seed .. seed + n_envs``."""

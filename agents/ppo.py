@@ -26,7 +26,7 @@ from rims_rl.policies import (
     RIMPolicy,
 )
 
-__all__ = ["RecurrentPPO", "POLICY_ALIASES"]
+__all__ = ["POLICY_ALIASES", "RecurrentPPO"]
 
 POLICY_ALIASES: dict[str, type[BasePolicy]] = {
     "RIMPolicy": RIMPolicy,

@@ -45,7 +45,7 @@ from rims_rl import __version__
 from rims_rl.config import TrainConfig
 from rims_rl.tracking import RIMActivationCallback, WandbOutputFormat, start_wandb
 
-__all__ = ["TrainResult", "TrainingInterrupted", "train", "build_model", "policy_name", "policy_kwargs"]
+__all__ = ["TrainResult", "TrainingInterrupted", "build_model", "policy_kwargs", "policy_name", "train"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
 

@@ -16,7 +16,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from envs.classic import CLASSIC_IDS, register_classic
 
-__all__ = ["Family", "FAMILIES", "family_of", "check_env_id", "make_env", "UnknownEnvError"]
+__all__ = ["FAMILIES", "Family", "UnknownEnvError", "check_env_id", "family_of", "make_env"]
 
 register_classic()
 

@@ -40,7 +40,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.envs.classic_control import CartPoleEnv, PendulumEnv
 
-__all__ = ["MaskVelocityWrapper", "CLASSIC_IDS", "register_classic"]
+__all__ = ["CLASSIC_IDS", "MaskVelocityWrapper", "register_classic"]
 
 
 class MaskVelocityWrapper(gym.ObservationWrapper):

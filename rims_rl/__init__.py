@@ -16,13 +16,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RIM",
-    "RIMInfo",
-    "RIMPolicy",
-    "RIMCnnPolicy",
-    "RIMMultiInputPolicy",
-    "MlpLstmPolicy",
     "CnnLstmPolicy",
+    "MlpLstmPolicy",
     "MultiInputLstmPolicy",
+    "RIMCnnPolicy",
+    "RIMInfo",
+    "RIMMultiInputPolicy",
+    "RIMPolicy",
     "__version__",
 ]
 

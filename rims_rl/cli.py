@@ -93,7 +93,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not args.overwrite:
-            raise UsageError(f"run directory {run_dir} already exists and is not empty (use --overwrite, or another --run-dir)")
+            raise UsageError(
+                f"run directory {run_dir} already exists and is not empty (use --overwrite, or another --run-dir)"
+            )
         import shutil
 
         shutil.rmtree(run_dir)
@@ -129,7 +131,7 @@ def _load_run(run_dir: Path) -> tuple[TrainConfig, Path]:
 
     try:
         cfg = TrainConfig.model_validate(yaml.safe_load(config_file.read_text()))
-    except Exception as err:  # noqa: BLE001 - any problem with the file is a usage error here
+    except Exception as err:
         raise UsageError(f"{config_file} is not a valid rims-rl config ({str(err).splitlines()[0]})") from None
     model_file = run_dir / "model.zip"
     if not model_file.is_file():

@@ -22,19 +22,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "CONFIG_DIR",
     "ConfigError",
-    "RIMConfig",
+    "EvalConfig",
     "LSTMConfig",
     "NetworkConfig",
     "PPOConfig",
-    "EvalConfig",
-    "WandbConfig",
+    "RIMConfig",
     "TrainConfig",
-    "CONFIG_DIR",
-    "resolve_config",
-    "parse_overrides",
-    "flat_keys",
+    "WandbConfig",
     "describe_fields",
+    "flat_keys",
+    "parse_overrides",
+    "resolve_config",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

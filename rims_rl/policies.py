@@ -42,13 +42,13 @@ from rims_rl.extractors import NatureCNNGrid, input_set_shape
 from rims_rl.rim import RIM, RIMInfo
 
 __all__ = [
-    "RIMPolicy",
+    "INPUT_SETS",
+    "CnnLstmPolicy",
+    "MlpLstmPolicy",
+    "MultiInputLstmPolicy",
     "RIMCnnPolicy",
     "RIMMultiInputPolicy",
-    "MlpLstmPolicy",
-    "CnnLstmPolicy",
-    "MultiInputLstmPolicy",
-    "INPUT_SETS",
+    "RIMPolicy",
 ]
 
 INPUT_SETS = ("vector", "grid")
@@ -291,7 +291,12 @@ class RIMCnnPolicy(RIMPolicy):
         if features_extractor_class is None:
             features_extractor_class = NatureCNNGrid if input_set == "grid" else NatureCNN
         super().__init__(
-            observation_space, action_space, lr_schedule, *args, features_extractor_class=features_extractor_class, **kwargs
+            observation_space,
+            action_space,
+            lr_schedule,
+            *args,
+            features_extractor_class=features_extractor_class,
+            **kwargs,
         )
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
@@ -313,7 +318,12 @@ class RIMMultiInputPolicy(RIMPolicy):
         **kwargs: Any,
     ):
         super().__init__(
-            observation_space, action_space, lr_schedule, *args, features_extractor_class=features_extractor_class, **kwargs
+            observation_space,
+            action_space,
+            lr_schedule,
+            *args,
+            features_extractor_class=features_extractor_class,
+            **kwargs,
         )
 
 

@@ -500,7 +500,8 @@ class _RIMSequence(torch.autograd.Function):
         tape: list[dict[str, Any]] = []
         outputs, h_n, c_n, masks, attention, _ = _run_loop(cfg, keys, values, gates_x_all, h0, c0, keep, weights, tape)
         ctx.cfg, ctx.tape, ctx.keep = cfg, tape, keep
-        ctx.save_for_backward(keys, values, *weights)
+        wq, _, wih, _, whh, _, wqkv, wout, _ = weights  # biases are not needed to go back
+        ctx.save_for_backward(keys, values, wq, wih, whh, wqkv, wout)
         ctx.mark_non_differentiable(masks)
         if attention is not None:
             ctx.mark_non_differentiable(attention)
@@ -512,14 +513,13 @@ class _RIMSequence(torch.autograd.Function):
     def backward(ctx, d_outputs, d_hn, d_cn, _d_masks, _d_attention):  # type: ignore[override]
         cfg: _LoopConfig = ctx.cfg
         tape: list[dict[str, Any]] = ctx.tape
-        keys, values, wq, bq, wih, bih, whh, bhh, wqkv, wout, bout = ctx.saved_tensors
+        keys, values, wq, wih, whh, wqkv, wout = ctx.saved_tensors
         L = len(tape)
         K, B, H = tape[0]["h"].shape
         Hi, dk = cfg.heads, cfg.key_size
         Hc, ck, cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
         lstm = cfg.cell == "lstm"
         like = tape[0]["h"]
-        zero = like.new_zeros(())
         dh = d_hn if d_hn is not None else torch.zeros_like(like)
         dc = (d_cn if d_cn is not None else torch.zeros_like(like)) if lstm else None
         # (input, output-gradient) pairs of each per-unit weight, over all steps
@@ -536,7 +536,7 @@ class _RIMSequence(torch.autograd.Function):
             # ---- 4. communication -------------------------------------------------------------------------------
             if cfg.communication:
                 update, gate = rec["update"], rec["gate"]
-                dh_active = torch.where(m, dh, zero)
+                dh_active = torch.where(m, dh, 0.0)
                 d_pre = torch.cat(
                     [dh_active * gate * (1.0 - update * update), dh_active * update * gate * (1.0 - gate)], dim=-1
                 )
@@ -560,19 +560,19 @@ class _RIMSequence(torch.autograd.Function):
                 dh1 = dh
 
             # ---- 3. dynamics ---------------------------------------------------------------------------------
-            dh1_active = torch.where(m, dh1, zero)
+            dh1_active = torch.where(m, dh1, 0.0)
             if lstm:
                 ifo, g, tanh_c = rec["ifo"], rec["g"], rec["tanh_c"]
                 i, f, o = ifo.split(H, dim=-1)
                 assert dc is not None
-                dc_active = torch.where(m, dc, zero)
+                dc_active = torch.where(m, dc, 0.0)
                 d_o = dh1_active * tanh_c
                 dc_new = torch.addcmul(dc_active, dh1_active * o, 1.0 - tanh_c * tanh_c)
                 d_ifo = torch.cat([dc_new * g, dc_new * c, d_o], dim=-1) * ifo * (1.0 - ifo)
                 d_gates = torch.cat([d_ifo, dc_new * i * (1.0 - g * g)], dim=-1)
                 dc = torch.where(m, dc_new * f, dc)
                 d_gx = d_gh = d_gates
-                dh_prev = torch.where(m, zero, dh1)
+                dh_prev = torch.where(m, 0.0, dh1)
             else:
                 rz, n, gh_n = rec["rz"], rec["n"], rec["gh_n"]
                 r, z = rz.split(H, dim=-1)

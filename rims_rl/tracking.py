@@ -23,7 +23,7 @@ import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter
 
-__all__ = ["start_wandb", "WandbOutputFormat", "RIMActivationCallback"]
+__all__ = ["RIMActivationCallback", "WandbOutputFormat", "start_wandb"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def start_wandb(
             mode=mode,
             settings=wandb.Settings(silent=True, console="off", disable_git=True, save_code=False),
         )
-    except Exception as err:  # noqa: BLE001 - any failure of an optional logger must not stop training
+    except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         log.warning("W&B could not start (%s); continuing with local logging only", first_line)
         return None

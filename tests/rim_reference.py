@@ -100,4 +100,3 @@ def reference_forward(
         torch.stack(masks),
         torch.stack(nulls),
     )
-

@@ -83,7 +83,10 @@ BAD_INPUTS = [
     (["train", "--env", "CartPolNoVel-v1"], "unknown env id 'CartPolNoVel-v1'; did you mean CartPoleNoVel-v1"),
     (["train", "--env", "CartPoleNoVel-v1", "--policy", "gru"], "argument --policy: invalid choice: 'gru'"),
     (["train", "--env", "CartPoleNoVel-v1", "--set", "rim.k_actve=2"], "did you mean 'rim.k_active'?"),
-    (["train", "--env", "CartPoleNoVel-v1", "--set", "rim.k_active=7"], "rim.k_active=7 must be in [1, rim.num_units=6]"),
+    (
+        ["train", "--env", "CartPoleNoVel-v1", "--set", "rim.k_active=7"],
+        "rim.k_active=7 must be in [1, rim.num_units=6]",
+    ),
     (["train", "--env", "CartPoleNoVel-v1", "--n-envs", "0"], "config key 'n_envs' = 0"),
     (["train", "--env", "Acrobot-v1"], "pass --config FILE"),
     (["evaluate", "/no/such/run"], "run directory /no/such/run does not exist"),

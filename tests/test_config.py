@@ -6,7 +6,15 @@ import pytest
 import yaml
 
 from envs import FAMILIES
-from rims_rl.config import CONFIG_DIR, ConfigError, TrainConfig, describe_fields, flat_keys, parse_overrides, resolve_config
+from rims_rl.config import (
+    CONFIG_DIR,
+    ConfigError,
+    TrainConfig,
+    describe_fields,
+    flat_keys,
+    parse_overrides,
+    resolve_config,
+)
 
 CLASSIC = CONFIG_DIR / "classic.yaml"
 

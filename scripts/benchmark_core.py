@@ -1,0 +1,145 @@
+"""Speed of the RIM core against LSTM baselines, measured in one run on this machine.
+
+    python scripts/benchmark_core.py [--repeats 7] [--device cpu] [--train-steps 8192]
+
+Prints medians over interleaved repeats, and RIM/LSTM ratios (targets from the core issue in brackets):
+
+(a) one step, batch 64, forward + backward: RIM(512 -> K=6 x H=100, k_active=4) vs ``nn.LSTMCell(512, 600)``  [<= 2.0]
+(b) a 128-step sequence, batch 8, forward + backward: the same RIM vs ``nn.LSTM(512, 600)``                   [<= 2.0]
+(c) RecurrentPPO training throughput (env steps/s) on CartPoleNoVel-v1 with ``configs/classic.yaml``:
+    RIM policy vs the project's LSTM policy                                                              [>= 0.7]
+    and, for reference, sb3-contrib's stock ``MlpLstmPolicy`` (per-step loop) with the same settings.
+
+Backward uses a fixed random gradient of the outputs (a dense upstream gradient, as in training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from rims_rl import RIM
+
+
+def timed(fn: Callable[[], None], device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, device: str, warmup: int = 2) -> dict:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def core_benchmarks(repeats: int, device: str) -> None:
+    torch.manual_seed(0)
+    rim = RIM(512, num_units=6, unit_size=100, k_active=4).to(device)
+    cell = nn.LSTMCell(512, 600).to(device)
+    lstm = nn.LSTM(512, 600).to(device)
+
+    x1 = torch.randn(64, 512, device=device)
+    g1 = torch.randn(64, 600, device=device)
+
+    def rim_step() -> None:
+        out, _, _ = rim(x1.unsqueeze(0))
+        out[0].backward(g1)
+
+    def cell_step() -> None:
+        h, _ = cell(x1)
+        h.backward(g1)
+
+    xs = torch.randn(128, 8, 512, device=device)
+    gs = torch.randn(128, 8, 600, device=device)
+
+    def rim_seq() -> None:
+        out, _, _ = rim(xs)
+        out.backward(gs)
+
+    def lstm_seq() -> None:
+        out, _ = lstm(xs)
+        out.backward(gs)
+
+    step = interleaved_medians({"rim": rim_step, "lstm": cell_step}, repeats * 5, device)
+    seq = interleaved_medians({"rim": rim_seq, "lstm": lstm_seq}, repeats, device)
+    print(f"(a) one step, batch 64, fwd+bwd:  RIM {step['rim'] * 1e3:7.2f} ms   LSTMCell {step['lstm'] * 1e3:7.2f} ms"
+          f"   ratio {step['rim'] / step['lstm']:.2f}  [target <= 2.0]")  # fmt: skip
+    print(f"(b) 128 steps, batch 8, fwd+bwd:  RIM {seq['rim'] * 1e3:7.1f} ms   nn.LSTM  {seq['lstm'] * 1e3:7.1f} ms"
+          f"   ratio {seq['rim'] / seq['lstm']:.2f}  [target <= 2.0]")  # fmt: skip
+
+
+def training_benchmark(repeats: int, device: str, steps: int) -> None:
+    from sb3_contrib.ppo_recurrent.policies import MlpLstmPolicy as StockLstmPolicy
+
+    from agents.training import build_model
+    from envs import make_env
+    from rims_rl.config import CONFIG_DIR, resolve_config
+
+    def run(policy: str, stock: bool = False) -> Callable[[], float]:
+        cfg = resolve_config(
+            "CartPoleNoVel-v1", CONFIG_DIR / "classic.yaml", flags={"policy": policy, "device": device}
+        )
+        env = make_env(cfg.env, n_envs=cfg.n_envs, seed=0)
+        model = build_model(cfg, env)
+        if stock:  # the same settings with sb3-contrib's own policy class
+            from agents.ppo import RecurrentPPO
+
+            kwargs = dict(model.policy_kwargs)
+            kwargs.pop("shared_critic_grad", None)
+            model = RecurrentPPO(
+                StockLstmPolicy, env, learning_rate=model.learning_rate, n_steps=model.n_steps,
+                batch_size=model.batch_size, n_epochs=model.n_epochs, gamma=model.gamma,
+                gae_lambda=model.gae_lambda, clip_range=model.clip_range, policy_kwargs=kwargs, seed=0, device=device,
+            )  # fmt: skip
+        model.learn(cfg.n_envs * cfg.ppo.n_steps)  # warm-up: one rollout and update
+
+        def measure() -> float:
+            start = time.perf_counter()
+            model.learn(steps, reset_num_timesteps=False)
+            return steps / (time.perf_counter() - start)
+
+        return measure
+
+    runners = {"rims": run("rims"), "lstm": run("lstm"), "lstm (sb3-contrib stock)": run("lstm", stock=True)}
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, measure in runners.items():
+            rates[name].append(measure())
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    print(f"(c) RecurrentPPO on CartPoleNoVel-v1 (configs/classic.yaml), env steps/s, median of {repeats}:")
+    for name, rate in med.items():
+        print(f"      {name:26} {rate:8.0f}")
+    print(f"    ratio RIM / LSTM {med['rims'] / med['lstm']:.2f}  [target >= 0.7];"
+          f"  RIM / sb3-contrib stock LSTM {med['rims'] / med['lstm (sb3-contrib stock)']:.2f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats (medians are reported)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--train-steps", type=int, default=8192, help="env steps per training measurement")
+    parser.add_argument("--skip-training", action="store_true", help="only (a) and (b)")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
+    core_benchmarks(args.repeats, args.device)
+    if not args.skip_training:
+        training_benchmark(max(3, args.repeats // 2), args.device, args.train_steps)
+
+
+if __name__ == "__main__":
+    main()
