@@ -47,13 +47,15 @@ def evaluate(
     deterministic: bool = True,
     seed: int = EVAL_SEED_OFFSET,
     n_envs: int = 8,
+    efference_copy: bool = False,
 ) -> EvalResult:
     """Play ``episodes`` full episodes with ``model`` (recurrent state carried and reset at episode starts).
 
     :param n_envs: environments played in parallel (at most ``episodes``); SB3's ``evaluate_policy`` spreads the
         episodes evenly over them so that short episodes do not bias the mean.
+    :param efference_copy: the policy was trained with :class:`envs.EfferenceCopy` observations.
     """
-    env = make_env(env_id, n_envs=min(episodes, n_envs), seed=seed)
+    env = make_env(env_id, n_envs=min(episodes, n_envs), seed=seed, efference_copy=efference_copy)
     try:
         returns, lengths = evaluate_policy(
             model, env, n_eval_episodes=episodes, deterministic=deterministic, return_episode_rewards=True, warn=False

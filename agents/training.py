@@ -36,6 +36,7 @@ from stable_baselines3.common.callbacks import (
 from stable_baselines3.common.logger import CSVOutputFormat, Logger
 from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
 
 from agents.evaluation import EVAL_SEED_OFFSET, EvalResult, evaluate
@@ -183,7 +184,9 @@ def train(
     }
     _write_json(run_dir / "run.json", meta)
 
-    env = make_env(cfg.env, n_envs=cfg.n_envs, seed=cfg.seed, vec_env=cfg.vec_env)
+    env = make_env(cfg.env, n_envs=cfg.n_envs, seed=cfg.seed, vec_env=cfg.vec_env, efference_copy=cfg.efference_copy)
+    if cfg.normalize_reward:  # observations untouched, so the policy needs no statistics at evaluation
+        env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=cfg.ppo.gamma)
     model = build_model(cfg, env)
     wandb_run = start_wandb(
         cfg.wandb.mode,
@@ -215,8 +218,15 @@ def train(
         cb.append(RIMActivationCallback())
     eval_env = None
     if cfg.eval.freq > 0:
-        eval_env = make_env(cfg.env, n_envs=min(cfg.eval.episodes, 8), seed=cfg.seed + EVAL_SEED_OFFSET)
-        stop = StopTrainingOnRewardThreshold(cfg.eval.stop_at) if cfg.eval.stop_at is not None else None
+        eval_env = make_env(
+            cfg.env,
+            n_envs=min(cfg.eval.episodes, 8),
+            seed=cfg.seed + EVAL_SEED_OFFSET,
+            efference_copy=cfg.efference_copy,
+        )
+        if cfg.normalize_reward:  # EvalCallback syncs statistics between identically wrapped envs
+            eval_env = VecNormalize(eval_env, norm_obs=False, norm_reward=False, training=False)
+        stop = StopTrainingOnRewardThreshold(cfg.eval.stop_at, verbose=0) if cfg.eval.stop_at is not None else None
         cb.append(
             EvalCallback(
                 eval_env,
@@ -226,6 +236,7 @@ def train(
                 log_path=str(run_dir),
                 callback_on_new_best=stop,
                 warn=False,
+                verbose=0,
             )
         )
     cb += callbacks or []
@@ -251,7 +262,7 @@ def train(
 
     result = evaluate(
         model, cfg.env, episodes=cfg.eval.episodes, deterministic=cfg.eval.deterministic,
-        seed=cfg.seed + EVAL_SEED_OFFSET,
+        seed=cfg.seed + EVAL_SEED_OFFSET, efference_copy=cfg.efference_copy,
     )  # fmt: skip
     _write_json(run_dir / "eval.json", result.to_dict())
     meta.update(status="finished", timesteps=model.num_timesteps, seconds=round(seconds, 2))

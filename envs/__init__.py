@@ -15,6 +15,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from envs.classic import CLASSIC_IDS, register_classic
+from envs.wrappers import EfferenceCopy
 
 __all__ = ["FAMILIES", "Family", "UnknownEnvError", "check_env_id", "family_of", "make_env"]
 
@@ -67,13 +68,16 @@ def make_env(
     seed: int | None = None,
     vec_env: str = "dummy",
     env_kwargs: dict[str, Any] | None = None,
+    efference_copy: bool = False,
 ) -> VecEnv:
     """A vectorised env with SB3's ``Monitor`` on each copy (episode returns and lengths in ``info``).
 
     :param env_id: a gymnasium id (the project's are registered on import).
     :param n_envs: number of copies; copy ``i`` is seeded ``seed + i``.
     :param vec_env: ``"dummy"`` (in-process) or ``"subproc"`` (one process per copy).
+    :param efference_copy: join the previous action and reward to the observation (:class:`EfferenceCopy`).
     """
     check_env_id(env_id)
     cls = SubprocVecEnv if vec_env == "subproc" else DummyVecEnv
-    return make_vec_env(env_id, n_envs=n_envs, seed=seed, vec_env_cls=cls, env_kwargs=env_kwargs)
+    wrapper = EfferenceCopy if efference_copy else None
+    return make_vec_env(env_id, n_envs=n_envs, seed=seed, vec_env_cls=cls, env_kwargs=env_kwargs, wrapper_class=wrapper)

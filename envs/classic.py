@@ -43,11 +43,12 @@ from gymnasium.envs.classic_control import CartPoleEnv, PendulumEnv
 __all__ = ["CLASSIC_IDS", "MaskVelocityWrapper", "register_classic"]
 
 
-class MaskVelocityWrapper(gym.ObservationWrapper):
+class MaskVelocityWrapper(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """Zeroes the observation entries at ``indices`` (the velocities), keeping the observation space."""
 
     def __init__(self, env: gym.Env, indices: Sequence[int]) -> None:
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self, indices=tuple(indices))
+        gym.ObservationWrapper.__init__(self, env)
         self.mask = np.ones(env.observation_space.shape, dtype=env.observation_space.dtype)
         self.mask[list(indices)] = 0
 

@@ -53,7 +53,7 @@ def _family_config(env_id: str) -> Path | None:
 
 
 def _resolve(args: argparse.Namespace, flags: dict[str, Any]) -> TrainConfig:
-    from envs import check_env_id, family_of
+    from envs import check_env_id
 
     check_env_id(args.env)
     family_file = _family_config(args.env)
@@ -62,7 +62,6 @@ def _resolve(args: argparse.Namespace, flags: dict[str, Any]) -> TrainConfig:
             f"env '{args.env}' belongs to no rims-rl family, so there is no default config: pass --config FILE "
             "(`rims-rl envs` lists the families)"
         )
-    del family_of
     return resolve_config(args.env, family_file, args.config, flags, args.set)
 
 
@@ -96,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"run directory {run_dir} already exists and is not empty (use --overwrite, or another --run-dir)"
             )
+        if not (run_dir / "config.yaml").is_file() and not (run_dir / "run.json").is_file():
+            raise UsageError(f"{run_dir} is not a rims-rl run directory: --overwrite only replaces run directories")
         import shutil
 
         shutil.rmtree(run_dir)
@@ -159,7 +160,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model = RecurrentPPO.load(model_file, device=args.device)
     seed = args.seed if args.seed is not None else cfg.seed + EVAL_SEED_OFFSET
-    result = evaluate(model, env_id, episodes=args.episodes, deterministic=args.deterministic, seed=seed)
+    result = evaluate(
+        model, env_id, episodes=args.episodes, deterministic=args.deterministic, seed=seed,
+        efference_copy=cfg.efference_copy,
+    )  # fmt: skip
     record = {"model": str(model_file), "seed": seed, **result.to_dict()}
     with open(run_dir / "evaluations.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -157,6 +157,12 @@ class TrainConfig(_Section):
     total_timesteps: int = Field(100_000, ge=1, description="env steps to train for")
     n_envs: int = Field(8, ge=1, description="parallel environments")
     vec_env: Literal["dummy", "subproc"] = Field("dummy", description="SB3 vectorisation: in-process or processes")
+    efference_copy: bool = Field(
+        False, description="join the previous action and reward to the observation (paper App. C.3), both cores"
+    )
+    normalize_reward: bool = Field(
+        False, description="scale training rewards by a running return std (SB3 VecNormalize; scores stay raw)"
+    )
     seed: int = Field(0, ge=0, description="random seed (envs, torch, numpy)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     checkpoint_freq: int = Field(0, ge=0, description="save a checkpoint every N env steps (0: final only)")

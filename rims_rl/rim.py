@@ -1,9 +1,10 @@
 """Recurrent Independent Mechanisms (Goyal, Lamb et al., ICLR 2021, §2), in pure PyTorch.
 
-One :class:`RIM` call runs a whole sequence. Everything that does not depend on the recurrent state (the input keys
-and values, and for a one-element input set the input side of the dynamics) is computed once for all steps; the
-per-step loop only does what depends on the state. All per-unit weights carry a leading unit axis and are applied
-with batched matmuls over it: there is no Python loop over units.
+One :class:`RIM` call runs a whole sequence. What does not depend on the recurrent state (the input keys and values;
+with input attention off, the whole input side of the dynamics) is computed once for all steps; the per-step loop
+only does what depends on the state. All per-unit weights carry a leading unit axis and are applied with batched
+matmuls over it: there is no Python loop over units. Under autograd the loop is a single node with a hand-written
+backward through time (:class:`_RIMSequence`), which computes each weight gradient once from all steps.
 
 This module imports only torch: it can be used outside reinforcement learning.
 """
@@ -62,8 +63,8 @@ class RIM(nn.Module):
        what they read; inactive units keep ``h`` and ``c`` bit-for-bit. Gradient still flows through the kept
        state (nothing is detached).
     4. **Communication** (§2.4, eq. 5-8). Active units read every unit (active or not) with multi-head
-       attention (per-unit query/key/value weights) and add the result to their state (residual connection);
-       inactive units are unchanged.
+       attention (per-unit query/key/value weights) and add the gated result to their state (residual
+       connection); inactive units are unchanged.
 
     Defaults follow the paper's Table 3: input keys 64 per head, input values 4 x ``unit_size`` (all heads
     together), 4 input heads, communication keys and values 32 per head, 4 communication heads, attention dropout

@@ -42,8 +42,9 @@ def test_train_writes_a_complete_run_directory(trained_run):
     assert config["ppo"]["n_steps"] == 32 and config["rim"]["num_units"] == 6  # resolved: every key present
     rows = list(csv.DictReader((trained_run / "progress.csv").open()))
     assert rows and "rim/activation_rate/unit_0" in rows[-1]
-    rates = [float(rows[-1][f"rim/activation_rate/unit_{j}"]) for j in range(6)]
-    assert sum(rates) == pytest.approx(4.0)  # k_active of 6 units active at every step
+    rim = config["rim"]
+    rates = [float(rows[-1][f"rim/activation_rate/unit_{j}"]) for j in range(rim["num_units"])]
+    assert sum(rates) == pytest.approx(rim["k_active"])  # exactly k_active units active at every step
     assert meta["wandb"]["mode"] == "offline"
     wandb_files = list(Path(meta["wandb"]["dir"]).glob("run-*.wandb"))
     assert wandb_files and wandb_files[0].stat().st_size > 0
@@ -113,6 +114,14 @@ def test_existing_run_directory_is_refused_unless_overwrite(trained_run, capsys)
     assert exit_info.value.code == 2
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in trained_run.iterdir()) == before
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        main(["train", "--env", "CartPoleNoVel-v1", "--run-dir", str(tmp_path), "--overwrite", *TINY])
+    assert "is not a rims-rl run directory" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
 def test_console_script_reports_bad_input_without_traceback():
