@@ -14,8 +14,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned (the local CPU wheel here, the CUDA build from PyPI on a GPU machine); a torch already in
-	# the environment is kept.
+	# torch first, pinned (here pip finds a local CPU wheel; PyPI's Linux wheel bundles CUDA); a torch already in
+	# the environment is kept, and the project's torch>=2.3 requirement then installs nothing more.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)

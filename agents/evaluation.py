@@ -11,7 +11,10 @@ from stable_baselines3.common.evaluation import evaluate_policy
 
 from envs import make_env
 
-__all__ = ["EVAL_SEED_OFFSET", "EvalResult", "evaluate"]
+__all__ = ["EVAL_N_ENVS", "EVAL_SEED_OFFSET", "EvalResult", "evaluate"]
+
+EVAL_N_ENVS = 8
+"""Evaluation plays at most this many environments in parallel."""
 
 EVAL_SEED_OFFSET = 10_000
 """Evaluation envs are seeded ``seed + EVAL_SEED_OFFSET``, disjoint from training seeds ``seed .. seed + n_envs``."""
@@ -46,7 +49,7 @@ def evaluate(
     episodes: int = 20,
     deterministic: bool = True,
     seed: int = EVAL_SEED_OFFSET,
-    n_envs: int = 8,
+    n_envs: int = EVAL_N_ENVS,
     efference_copy: bool = False,
 ) -> EvalResult:
     """Play ``episodes`` full episodes with ``model`` (recurrent state carried and reset at episode starts).

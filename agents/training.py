@@ -4,7 +4,7 @@ A run directory holds everything a report needs, with no network:
 
 =====================  ===============================================================================
 ``config.yaml``        the resolved configuration (every key, defaults included)
-``run.json``           metadata: project version, status (running/finished/interrupted), steps, W&B run
+``run.json``           metadata: project version, status (running/finished/interrupted/failed), steps, W&B run
 ``progress.csv``       SB3's logged scalars, one row per rollout (``time/total_timesteps`` is the env step)
 ``checkpoints/``       periodic checkpoints ``model_<steps>_steps.zip`` (``checkpoint_freq``) and, after an
                        interrupt, ``interrupted_<steps>_steps.zip``
@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import yaml
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import (
@@ -36,17 +37,27 @@ from stable_baselines3.common.callbacks import (
 from stable_baselines3.common.logger import CSVOutputFormat, Logger
 from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.utils import LinearSchedule
-from stable_baselines3.common.vec_env import VecNormalize
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 from torch import nn
 
-from agents.evaluation import EVAL_SEED_OFFSET, EvalResult, evaluate
+from agents.evaluation import EVAL_N_ENVS, EVAL_SEED_OFFSET, EvalResult, evaluate
 from agents.ppo import RecurrentPPO
 from envs import make_env
 from rims_rl import __version__
 from rims_rl.config import TrainConfig
 from rims_rl.tracking import RIMActivationCallback, WandbOutputFormat, start_wandb
 
-__all__ = ["TrainResult", "TrainingInterrupted", "build_model", "policy_kwargs", "policy_name", "train"]
+__all__ = [
+    "ConfigRejected",
+    "Prepared",
+    "TrainResult",
+    "TrainingInterrupted",
+    "build_model",
+    "policy_kwargs",
+    "policy_name",
+    "prepare",
+    "train",
+]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
 
@@ -61,6 +72,18 @@ class TrainResult:
     @property
     def steps_per_second(self) -> float:
         return self.timesteps / self.seconds if self.seconds > 0 else 0.0
+
+
+class ConfigRejected(ValueError):
+    """The env or the model could not be built from the configuration (one line: what and why)."""
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` built: the training env and the model, nothing written yet."""
+
+    env: VecEnv
+    model: RecurrentPPO
 
 
 class TrainingInterrupted(Exception):
@@ -152,6 +175,29 @@ def build_model(cfg: TrainConfig, env: Any) -> RecurrentPPO:
     )
 
 
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Build the training env and the model for ``cfg``, writing nothing.
+
+    :raises ConfigRejected: when the env cannot be made (e.g. a missing optional dependency) or SB3 rejects the
+        settings (e.g. ``ppo.use_sde`` with discrete actions).
+    """
+    try:
+        env = make_env(
+            cfg.env, n_envs=cfg.n_envs, seed=cfg.seed, vec_env=cfg.vec_env, efference_copy=cfg.efference_copy
+        )
+    except gym.error.Error as err:
+        raise ConfigRejected(f"cannot make env {cfg.env}: {str(err).splitlines()[0]}") from None
+    if cfg.normalize_reward:  # observations untouched, so the policy needs no statistics at evaluation
+        env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=cfg.ppo.gamma)
+    try:
+        model = build_model(cfg, env)
+    except (ValueError, AssertionError, TypeError) as err:
+        env.close()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigRejected(f"the model cannot be built with this configuration: {first}") from None
+    return Prepared(env, model)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -164,11 +210,16 @@ def train(
     *,
     progress_bar: bool = False,
     callbacks: list[BaseCallback] | None = None,
+    prepared: Prepared | None = None,
 ) -> TrainResult:
     """Train ``cfg`` into ``run_dir`` (created; it should be new or empty) and evaluate the final model.
 
+    :param prepared: the env and model from :func:`prepare` (built here if None).
+    :raises ConfigRejected: before anything is written, if the env or model cannot be built.
     :raises TrainingInterrupted: on Ctrl-C, after saving a checkpoint and closing the W&B run.
     """
+    prepared = prepared or prepare(cfg)
+    env, model = prepared.env, prepared.model
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
@@ -184,10 +235,6 @@ def train(
     }
     _write_json(run_dir / "run.json", meta)
 
-    env = make_env(cfg.env, n_envs=cfg.n_envs, seed=cfg.seed, vec_env=cfg.vec_env, efference_copy=cfg.efference_copy)
-    if cfg.normalize_reward:  # observations untouched, so the policy needs no statistics at evaluation
-        env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=cfg.ppo.gamma)
-    model = build_model(cfg, env)
     wandb_run = start_wandb(
         cfg.wandb.mode,
         run_dir,
@@ -211,7 +258,9 @@ def train(
     if cfg.checkpoint_freq > 0:
         cb.append(
             CheckpointCallback(
-                save_freq=max(cfg.checkpoint_freq // cfg.n_envs, 1), save_path=str(run_dir / "checkpoints")
+                save_freq=max(cfg.checkpoint_freq // cfg.n_envs, 1),
+                save_path=str(run_dir / "checkpoints"),
+                name_prefix="model",
             )
         )
     if cfg.policy == "rims":
@@ -220,7 +269,7 @@ def train(
     if cfg.eval.freq > 0:
         eval_env = make_env(
             cfg.env,
-            n_envs=min(cfg.eval.episodes, 8),
+            n_envs=min(cfg.eval.episodes, EVAL_N_ENVS),
             seed=cfg.seed + EVAL_SEED_OFFSET,
             efference_copy=cfg.efference_copy,
         )
@@ -253,6 +302,12 @@ def train(
         if wandb_run is not None:
             wandb_run.finish(exit_code=130)
         raise TrainingInterrupted(run_dir, checkpoint, model.num_timesteps) from None
+    except BaseException as err:  # a crash: the run directory says so, and the W&B run is closed
+        meta.update(status="failed", timesteps=model.num_timesteps, error=f"{type(err).__name__}: {err}"[:500])
+        _write_json(run_dir / "run.json", meta)
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)
+        raise
     finally:
         env.close()
         if eval_env is not None:

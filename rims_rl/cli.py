@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -87,30 +88,46 @@ def _default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / cfg.env / f"{cfg.policy}-{cfg.algo}-s{cfg.seed}-{stamp}"
 
 
+def _check_device(device: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device {device!r} is not valid: use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA device(s) (use auto or cpu)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _resolve(args, _train_flags(args))
+    _check_device(cfg.device)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file, not a directory")
+    replace = run_dir.exists() and any(run_dir.iterdir())
+    if replace:
         if not args.overwrite:
             raise UsageError(
                 f"run directory {run_dir} already exists and is not empty (use --overwrite, or another --run-dir)"
             )
         if not (run_dir / "config.yaml").is_file() and not (run_dir / "run.json").is_file():
             raise UsageError(f"{run_dir} is not a rims-rl run directory: --overwrite only replaces run directories")
+
+    from agents.training import ConfigRejected, TrainingInterrupted, prepare, train
+
+    try:
+        prepared = prepare(cfg)  # env and model first: a config the libraries reject fails before anything is written
+    except ConfigRejected as err:
+        raise UsageError(str(err)) from None
+    if replace:
         import shutil
 
         shutil.rmtree(run_dir)
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {cfg.device}: no CUDA device is available (use auto or cpu)")
-
-    from agents.training import TrainingInterrupted, train
-
     print(f"training {cfg.policy} ({cfg.algo}) on {cfg.env} for {cfg.total_timesteps} steps -> {run_dir}")
     try:
-        result = train(cfg, run_dir, progress_bar=not args.no_progress)
+        result = train(cfg, run_dir, progress_bar=not args.no_progress, prepared=prepared)
     except TrainingInterrupted as stop:
         print(f"rims-rl: {stop}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -136,12 +153,14 @@ def _load_run(run_dir: Path) -> tuple[TrainConfig, Path]:
         raise UsageError(f"{config_file} is not a valid rims-rl config ({str(err).splitlines()[0]})") from None
     model_file = run_dir / "model.zip"
     if not model_file.is_file():
-        checkpoints = sorted(
-            (run_dir / "checkpoints").glob("*_steps.zip"), key=lambda p: int(p.stem.rsplit("_", 2)[-2])
-        )
-        if not checkpoints:
-            raise UsageError(f"{run_dir} holds no model (no model.zip and no checkpoints/)")
-        model_file = checkpoints[-1]
+        steps = {}
+        for path in (run_dir / "checkpoints").glob("*_steps.zip"):
+            match = re.search(r"_(\d+)_steps$", path.stem)
+            if match:
+                steps[path] = int(match.group(1))
+        if not steps:
+            raise UsageError(f"{run_dir} holds no model (no model.zip and no checkpoints/*_<N>_steps.zip)")
+        model_file = max(steps, key=steps.__getitem__)
     return cfg, model_file
 
 
@@ -154,11 +173,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_env_id(env_id)
     if args.episodes < 1:
         raise UsageError(f"--episodes must be >= 1, got {args.episodes}")
+    _check_device(args.device)
 
     from agents.evaluation import EVAL_SEED_OFFSET, evaluate
     from agents.ppo import RecurrentPPO
 
-    model = RecurrentPPO.load(model_file, device=args.device)
+    try:
+        model = RecurrentPPO.load(model_file, device=args.device)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load the model {model_file}: {first}") from None
     seed = args.seed if args.seed is not None else cfg.seed + EVAL_SEED_OFFSET
     result = evaluate(
         model, env_id, episodes=args.episodes, deterministic=args.deterministic, seed=seed,
@@ -179,6 +203,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_envs(args: argparse.Namespace) -> int:
     from envs import FAMILIES
 
+    if args.family and args.family not in FAMILIES:
+        raise UsageError(f"unknown env family '{args.family}' (families: {', '.join(FAMILIES)})")
     families = [FAMILIES[args.family]] if args.family else list(FAMILIES.values())
     for family in families:
         print(f"{family.name}: {family.description} (configs/{family.config_name})")
@@ -244,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("envs", help="list the env families and ids", description="List env families and ids.")
-    p.add_argument("--family", choices=["classic"], help="only this family")
+    p.add_argument("--family", help="only this family")
     p.set_defaults(func=cmd_envs)
 
     p = sub.add_parser("config", help="print the resolved config", description="Print the resolved configuration.")

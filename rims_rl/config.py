@@ -15,6 +15,7 @@ valid range. The same names are used in YAML, on the CLI, in the resolved ``conf
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +62,9 @@ class RIMConfig(_Section):
     comm_key_size: int = Field(32, ge=1, description="query/key size per communication head")
     comm_value_size: int = Field(32, ge=1, description="value size per communication head")
     comm_heads: int = Field(4, ge=1, description="communication heads")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="attention dropout (training only)")
+    dropout: float = Field(
+        0.1, ge=0.0, lt=1.0, description="attention dropout (Table 3; PPO's update runs in train mode: see README)"
+    )
     input_attention: bool = Field(True, description="False: ablation without input attention (all units active)")
     communication: bool = Field(True, description="False: ablation without communication between units")
     input_set: Literal["vector", "grid"] = Field(
@@ -175,18 +178,6 @@ class TrainConfig(_Section):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def flat_keys(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
-    """All dotted keys of the config tree (``ppo.learning_rate``, ...)."""
-    keys = []
-    for name, field in model.model_fields.items():
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            keys += flat_keys(sub, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
 def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
     """``(dotted key, default, description)`` for every leaf of the config tree."""
     rows = []
@@ -198,6 +189,11 @@ def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> l
             default = field.get_default(call_default_factory=True)
             rows.append((prefix + name, default, field.description or ""))
     return rows
+
+
+def flat_keys() -> list[str]:
+    """All dotted keys of the config tree (``ppo.learning_rate``, ...)."""
+    return [key for key, _, _ in describe_fields()]
 
 
 def _closest(key: str) -> str:
@@ -242,6 +238,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -253,12 +251,21 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+_ENV_SECTION = re.compile(r"^[\w.:/-]+-v\d+$")  # gymnasium ids end in -v<N>
+
+
 def _sections_for(data: dict[str, Any], env_id: str, path: Path) -> dict[str, Any]:
     """The partial config a file gives for ``env_id``: ``default`` then the env's section (rl-zoo style), or the
-    whole file when it is a flat config."""
-    config_keys = set(TrainConfig.model_fields)
-    if not set(data) - config_keys:  # a flat partial config
+    whole file when it is a flat config (whose keys are all validated later)."""
+    sectioned = any(key == "default" or _ENV_SECTION.match(str(key)) for key in data)
+    if not sectioned:
         return data
+    for key in data:
+        if key != "default" and not _ENV_SECTION.match(str(key)):
+            raise ConfigError(
+                f"unknown top-level key '{key}' in {path}: a config file holds either config keys, or sections "
+                "named 'default' and env ids"
+            )
     merged: dict[str, Any] = {}
     for section in ("default", env_id):
         part = data.get(section) or {}
@@ -269,7 +276,10 @@ def _sections_for(data: dict[str, Any], env_id: str, path: Path) -> dict[str, An
 
 
 def _coerce_scalar(text: str) -> Any:
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set value '{text}' is not a valid YAML value") from None
     if isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" as a string
             number = float(value)
@@ -332,6 +342,8 @@ def resolve_config(
     if overrides:
         layers.append((parse_overrides(overrides), "--set"))
     for layer, source in layers:
+        if layer.get("env", env_id) != env_id:
+            raise ConfigError(f"{source} sets env={layer['env']!r}: the env is chosen with --env")
         data = _deep_merge(data, layer)
         _validate(data, source)  # fail on the layer that introduced the problem
     return _validate(data, "the configuration")

@@ -1,4 +1,4 @@
-"""Recurrent actor-critic policies for sb3-contrib's ``RecurrentPPO`` (and the project's ``RecurrentA2C``).
+"""Recurrent actor-critic policies for sb3-contrib's ``RecurrentPPO``.
 
 RIM policies (``RIMPolicy``, ``RIMCnnPolicy``, ``RIMMultiInputPolicy``) replace the LSTM of sb3-contrib's
 :class:`~sb3_contrib.common.recurrent.policies.RecurrentActorCriticPolicy` by a :class:`~rims_rl.rim.RIM`; the
@@ -136,6 +136,10 @@ class RIMPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
 
     After every forward pass of the actor's RIM, :attr:`rim_info` holds its :class:`~rims_rl.rim.RIMInfo`
     (activation mask ``(L, n_seq, K)`` and input attention), for callbacks that log activations at no extra cost.
+
+    Dropout (``rim_kwargs["dropout"]``, 0.1 in the paper's Table 3): SB3 collects rollouts in eval mode and runs the
+    update in train mode, so with dropout the update's first log-probabilities differ from the rollout's (the PPO
+    ratio does not start at 1). The winners are chosen before dropout, so they are the same in both modes.
     """
 
     def __init__(

@@ -186,7 +186,6 @@ class RIM(nn.Module):
 
         K, H = num_units, unit_size
         n_gates = 4 if cell == "lstm" else 3
-        self._n_gates = n_gates
 
         # §2.3 eq. 4: shared key/value projections, no bias -> the null element's key and value are exactly zero.
         self.input_value = nn.Linear(input_size, input_value_size, bias=False)

@@ -7,8 +7,8 @@
   ``train/value_loss``, ...) reaches W&B with the env step as the W&B step, without tensorboard.
 * :class:`RIMActivationCallback` reads the activation mask the policy's RIM computed at each rollout step (no extra
   forward pass) and records, per rollout, each unit's activation rate ``rim/activation_rate/unit_<j>`` and mean
-  null attention ``rim/null_attention/unit_<j>``. It is the hook the fuller activation logging builds on: subclass
-  it and override :meth:`RIMActivationCallback.on_rollout_masks`.
+  null attention ``rim/null_attention/unit_<j>``. Richer activation logging (per-step heatmaps, saved masks) can
+  build on it: subclass it and override :meth:`RIMActivationCallback.on_rollout_masks`.
 """
 
 from __future__ import annotations

@@ -116,6 +116,75 @@ def test_existing_run_directory_is_refused_unless_overwrite(trained_run, capsys)
     assert sorted(p.name for p in trained_run.iterdir()) == before
 
 
+def bad_file(tmp_path, name: str, content: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "make_argv, message",
+    [
+        (lambda d: ["--config", bad_file(d, "typo.yaml", b"policy: lstm\ntotl_timesteps: 5\n")],
+         "unknown config key 'totl_timesteps'"),
+        (lambda d: ["--config", bad_file(d, "mixed.yaml", b"default: {seed: 1}\nseed: 2\n")],
+         "unknown top-level key 'seed'"),
+        (lambda d: ["--config", bad_file(d, "env.yaml", b"env: Pendulum-v1\n")], "the env is chosen with --env"),
+        (lambda d: ["--config", bad_file(d, "latin1.yaml", b"policy: \xe9\n")], "is not UTF-8 text"),
+        (lambda d: ["--set", "network.net_arch=[64,"], "is not a valid YAML value"),
+        (lambda d: ["--set", "ppo.use_sde=true"], "the model cannot be built with this configuration"),
+        (lambda d: ["--device", "tpu"], "config key 'device' = 'tpu'"),
+        (lambda d: ["--device", "cuda:7"], "CUDA device"),
+        (lambda d: ["--run-dir", bad_file(d, "a_file", b"")], "is a file, not a directory"),
+    ],
+    ids=["flat-typo", "mixed-sections", "env-in-file", "not-utf8", "bad-yaml-set", "sb3-rejects", "device",
+         "no-cuda", "run-dir-file"],
+)  # fmt: skip
+def test_bad_train_input_writes_nothing(make_argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = make_argv(tmp_path)
+    after_setup = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--env", "CartPoleNoVel-v1", *argv, *TINY])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == after_setup and "runs" not in before
+
+
+def test_overwrite_with_an_unusable_device_keeps_the_old_run(trained_run, capsys):
+    before = sorted(p.name for p in trained_run.iterdir())
+    with pytest.raises(SystemExit):
+        main(["train", "--env", "CartPoleNoVel-v1", "--run-dir", str(trained_run), "--overwrite",
+              "--device", "cuda:7", *TINY])  # fmt: skip
+    assert "CUDA device" in capsys.readouterr().err
+    assert sorted(p.name for p in trained_run.iterdir()) == before
+
+
+def test_evaluate_rejects_damaged_models_and_bad_devices(trained_run, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_run, broken)
+    (broken / "model.zip").write_bytes(b"not a zip")
+    for argv, message in (
+        (["evaluate", str(broken)], "cannot load the model"),
+        (["evaluate", str(trained_run), "--device", "bogus"], "--device 'bogus' is not valid"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    (broken / "model.zip").unlink()
+    (broken / "checkpoints").mkdir()
+    (broken / "checkpoints" / "notes_steps.zip").write_bytes(b"")
+    shutil.copy(trained_run / "model.zip", broken / "checkpoints" / "model_256_steps.zip")
+    assert main(["evaluate", str(broken), "--episodes", "1"]) == 0
+    assert "model_256_steps.zip" in capsys.readouterr().out
+
+
 def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(SystemExit):
