@@ -9,7 +9,8 @@ import numpy as np
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.evaluation import evaluate_policy
 
-from envs import make_env
+from envs import AtariSettings, make_env
+from envs.atari import is_atari
 
 __all__ = ["EVAL_N_ENVS", "EVAL_SEED_OFFSET", "EvalResult", "evaluate"]
 
@@ -51,14 +52,19 @@ def evaluate(
     seed: int = EVAL_SEED_OFFSET,
     n_envs: int = EVAL_N_ENVS,
     efference_copy: bool = False,
+    atari: AtariSettings | None = None,
 ) -> EvalResult:
     """Play ``episodes`` full episodes with ``model`` (recurrent state carried and reset at episode starts).
 
     :param n_envs: environments played in parallel (at most ``episodes``); SB3's ``evaluate_policy`` spreads the
         episodes evenly over them so that short episodes do not bias the mean.
     :param efference_copy: the policy was trained with :class:`envs.EfferenceCopy` observations.
+    :param atari: the preprocessing the policy was trained with; evaluation always plays whole games (no episode
+        end at a life lost) and reports unclipped scores.
     """
-    env = make_env(env_id, n_envs=min(episodes, n_envs), seed=seed, efference_copy=efference_copy)
+    if is_atari(env_id):
+        atari = (atari or AtariSettings()).full_games()
+    env = make_env(env_id, n_envs=min(episodes, n_envs), seed=seed, efference_copy=efference_copy, atari=atari)
     try:
         returns, lengths = evaluate_policy(
             model, env, n_eval_episodes=episodes, deterministic=deterministic, return_episode_rewards=True, warn=False

@@ -8,14 +8,23 @@ write a string, as in SB3::
 
 ``MlpLstmPolicy``/``CnnLstmPolicy``/``MultiInputLstmPolicy`` resolve to the project's versions of sb3-contrib's LSTM
 policies (same model, sizes kept on save/load, one-call sequences): see :mod:`rims_rl.policies`.
+
+With those policies (and vector or image observations) the rollout buffer is
+:class:`agents.buffers.CompactRecurrentRolloutBuffer`: observations kept in their own dtype and not padded, so the
+feature extractor runs on real samples only. Losses, sampling and results are sb3-contrib's.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
+from gymnasium import spaces
 from sb3_contrib import RecurrentPPO as _RecurrentPPO
+from sb3_contrib.common.recurrent.type_aliases import RecurrentRolloutBufferSamples
 from stable_baselines3.common.policies import BasePolicy
+
+from agents.buffers import CompactRecurrentRolloutBuffer
 
 from rims_rl.policies import (
     CnnLstmPolicy,
@@ -43,3 +52,36 @@ class RecurrentPPO(_RecurrentPPO):
     sb3-contrib's."""
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = POLICY_ALIASES
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        if getattr(self.policy, "compact_observations", False) and not isinstance(self.observation_space, spaces.Dict):
+            old = self.rollout_buffer
+            self.rollout_buffer = CompactRecurrentRolloutBuffer(
+                self.n_steps,
+                self.observation_space,
+                self.action_space,
+                old.hidden_state_shape,
+                self.device,
+                gamma=self.gamma,
+                gae_lambda=self.gae_lambda,
+                n_envs=self.n_envs,
+            )
+
+    def train(self) -> None:
+        if not isinstance(self.rollout_buffer, CompactRecurrentRolloutBuffer):
+            return super().train()
+        buffer, policy = self.rollout_buffer, self.policy
+        get = buffer.get
+
+        def get_with_mask(*args: Any, **kwargs: Any) -> Iterator[RecurrentRolloutBufferSamples]:
+            for samples in get(*args, **kwargs):
+                policy.padding_mask = samples.mask > 0  # type: ignore[assignment]
+                yield samples
+
+        buffer.get = get_with_mask  # type: ignore[method-assign]
+        try:
+            super().train()
+        finally:
+            del buffer.get
+            policy.padding_mask = None  # type: ignore[assignment]

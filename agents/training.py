@@ -42,7 +42,7 @@ from torch import nn
 
 from agents.evaluation import EVAL_N_ENVS, EVAL_SEED_OFFSET, EvalResult, evaluate
 from agents.ppo import RecurrentPPO
-from envs import make_env
+from envs import AtariSettings, make_env
 from rims_rl import __version__
 from rims_rl.config import TrainConfig
 from rims_rl.tracking import RIMActivationCallback, WandbOutputFormat, start_wandb
@@ -52,6 +52,7 @@ __all__ = [
     "Prepared",
     "TrainResult",
     "TrainingInterrupted",
+    "atari_settings",
     "build_model",
     "policy_kwargs",
     "policy_name",
@@ -144,6 +145,11 @@ def policy_kwargs(cfg: TrainConfig, observation_space: spaces.Space) -> dict[str
     return kwargs
 
 
+def atari_settings(cfg: TrainConfig) -> AtariSettings:
+    """The Atari preprocessing of ``cfg`` (used only for Atari envs)."""
+    return AtariSettings(**cfg.atari.model_dump())
+
+
 def _schedule(value: float, kind: str) -> float | LinearSchedule:
     return LinearSchedule(value, 0.0, 1.0) if kind == "linear" else value
 
@@ -183,9 +189,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
     """
     try:
         env = make_env(
-            cfg.env, n_envs=cfg.n_envs, seed=cfg.seed, vec_env=cfg.vec_env, efference_copy=cfg.efference_copy
-        )
-    except gym.error.Error as err:
+            cfg.env, n_envs=cfg.n_envs, seed=cfg.seed, vec_env=cfg.vec_env, efference_copy=cfg.efference_copy,
+            atari=atari_settings(cfg),
+        )  # fmt: skip
+    except (gym.error.Error, ValueError) as err:
         raise ConfigRejected(f"cannot make env {cfg.env}: {str(err).splitlines()[0]}") from None
     if cfg.normalize_reward:  # observations untouched, so the policy needs no statistics at evaluation
         env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=cfg.ppo.gamma)
@@ -272,6 +279,7 @@ def train(
             n_envs=min(cfg.eval.episodes, EVAL_N_ENVS),
             seed=cfg.seed + EVAL_SEED_OFFSET,
             efference_copy=cfg.efference_copy,
+            atari=atari_settings(cfg).full_games(),
         )
         if cfg.normalize_reward:  # EvalCallback syncs statistics between identically wrapped envs
             eval_env = VecNormalize(eval_env, norm_obs=False, norm_reward=False, training=False)
@@ -317,7 +325,7 @@ def train(
 
     result = evaluate(
         model, cfg.env, episodes=cfg.eval.episodes, deterministic=cfg.eval.deterministic,
-        seed=cfg.seed + EVAL_SEED_OFFSET, efference_copy=cfg.efference_copy,
+        seed=cfg.seed + EVAL_SEED_OFFSET, efference_copy=cfg.efference_copy, atari=atari_settings(cfg),
     )  # fmt: skip
     _write_json(run_dir / "eval.json", result.to_dict())
     meta.update(status="finished", timesteps=model.num_timesteps, seconds=round(seconds, 2))

@@ -14,10 +14,24 @@ import gymnasium as gym
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
+from envs.atari import ATARI_IDS, AtariSettings, AtariVecEnv, is_atari, make_atari_wrapped
 from envs.classic import CLASSIC_IDS, register_classic
 from envs.wrappers import EfferenceCopy
 
-__all__ = ["FAMILIES", "Family", "UnknownEnvError", "check_env_id", "family_of", "make_env"]
+__all__ = [
+    "FAMILIES",
+    "VEC_ENVS",
+    "AtariSettings",
+    "Family",
+    "UnknownEnvError",
+    "check_env_id",
+    "family_of",
+    "make_env",
+]
+
+VEC_ENVS = ("auto", "ale", "dummy", "subproc")
+"""Vectorisations: ``auto`` (ale for Atari, dummy otherwise), ``ale`` (ale-py's native vector env, Atari only),
+``dummy`` (SB3's in-process DummyVecEnv), ``subproc`` (SB3's SubprocVecEnv, one process per copy)."""
 
 register_classic()
 
@@ -37,6 +51,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "classic": Family("classic", "partially observable classic control (velocities hidden)", CLASSIC_IDS),
+    "atari": Family("atari", "every Atari 2600 game of ale-py, DeepMind preprocessing (envs/atari.py)", ATARI_IDS),
 }
 
 
@@ -66,18 +81,35 @@ def make_env(
     env_id: str,
     n_envs: int = 1,
     seed: int | None = None,
-    vec_env: str = "dummy",
+    vec_env: str = "auto",
     env_kwargs: dict[str, Any] | None = None,
     efference_copy: bool = False,
+    atari: AtariSettings | None = None,
 ) -> VecEnv:
-    """A vectorised env with SB3's ``Monitor`` on each copy (episode returns and lengths in ``info``).
+    """A vectorised env whose ``info["episode"]`` reports each finished episode's return and length (SB3's
+    ``Monitor``).
 
     :param env_id: a gymnasium id (the project's are registered on import).
     :param n_envs: number of copies; copy ``i`` is seeded ``seed + i``.
-    :param vec_env: ``"dummy"`` (in-process) or ``"subproc"`` (one process per copy).
-    :param efference_copy: join the previous action and reward to the observation (:class:`EfferenceCopy`).
+    :param vec_env: one of :data:`VEC_ENVS`.
+    :param efference_copy: join the previous action and reward to the observation (:class:`EfferenceCopy`);
+        vector observations only.
+    :param atari: the preprocessing of Atari games (:class:`envs.atari.AtariSettings`; DeepMind's by default).
+    :raises ValueError: a vectorisation or option this env does not support.
     """
     check_env_id(env_id)
+    if vec_env not in VEC_ENVS:
+        raise ValueError(f"vec_env={vec_env!r} is not one of {', '.join(VEC_ENVS)}")
+    if is_atari(env_id):
+        if efference_copy:
+            raise ValueError("efference_copy joins the action and reward to vector observations; Atari frames are images")
+        if env_kwargs:
+            raise ValueError("Atari envs take their options from the atari config section, not env_kwargs")
+        if vec_env in ("auto", "ale"):
+            return AtariVecEnv(env_id, n_envs=n_envs, seed=seed, settings=atari)
+        return make_atari_wrapped(env_id, n_envs=n_envs, seed=seed, settings=atari, vec_env=vec_env)
+    if vec_env == "ale":
+        raise ValueError(f"vec_env=ale is for Atari games only; {env_id} takes auto, dummy or subproc")
     cls = SubprocVecEnv if vec_env == "subproc" else DummyVecEnv
     wrapper = EfferenceCopy if efference_copy else None
     return make_vec_env(env_id, n_envs=n_envs, seed=seed, vec_env_cls=cls, env_kwargs=env_kwargs, wrapper_class=wrapper)

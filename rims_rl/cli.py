@@ -171,12 +171,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from envs import check_env_id
 
     check_env_id(env_id)
-    if args.episodes < 1:
-        raise UsageError(f"--episodes must be >= 1, got {args.episodes}")
+    episodes = args.episodes if args.episodes is not None else cfg.eval.episodes
+    deterministic = args.deterministic if args.deterministic is not None else cfg.eval.deterministic
+    if episodes < 1:
+        raise UsageError(f"--episodes must be >= 1, got {episodes}")
     _check_device(args.device)
 
     from agents.evaluation import EVAL_SEED_OFFSET, evaluate
     from agents.ppo import RecurrentPPO
+    from agents.training import atari_settings
 
     try:
         model = RecurrentPPO.load(model_file, device=args.device)
@@ -185,8 +188,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot load the model {model_file}: {first}") from None
     seed = args.seed if args.seed is not None else cfg.seed + EVAL_SEED_OFFSET
     result = evaluate(
-        model, env_id, episodes=args.episodes, deterministic=args.deterministic, seed=seed,
-        efference_copy=cfg.efference_copy,
+        model, env_id, episodes=episodes, deterministic=deterministic, seed=seed,
+        efference_copy=cfg.efference_copy, atari=atari_settings(cfg),
     )  # fmt: skip
     record = {"model": str(model_file), "seed": seed, **result.to_dict()}
     with open(run_dir / "evaluations.jsonl", "a") as f:
@@ -259,10 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="play full episodes with a trained agent", description="Evaluate a run.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by rims-rl train")
     p.add_argument("--env", help="env id to evaluate on (default: the run's)")
-    p.add_argument("--episodes", type=int, default=20, metavar="N", help="episodes (default 20)")
+    p.add_argument("--episodes", type=int, metavar="N", help="episodes (default: the run's eval.episodes)")
     p.add_argument(
-        "--deterministic", action=argparse.BooleanOptionalAction, default=True,
-        help="greedy actions (default) or sampled (--no-deterministic)",
+        "--deterministic", action=argparse.BooleanOptionalAction, default=None,
+        help="greedy or sampled (--no-deterministic) actions (default: the run's eval.deterministic)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, help="env seed (default: the run's seed + 10000, disjoint from training)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

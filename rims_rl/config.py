@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 __all__ = [
     "CONFIG_DIR",
+    "AtariConfig",
     "ConfigError",
     "EvalConfig",
     "LSTMConfig",
@@ -141,6 +142,17 @@ class EvalConfig(_Section):
     stop_at: float | None = Field(None, description="stop training once the evaluation mean return reaches this")
 
 
+class AtariConfig(_Section):
+    """Preprocessing of Atari games (``envs/atari.py``); evaluation always plays whole games with raw scores."""
+
+    terminal_on_life_loss: bool = Field(True, description="learning episodes end at each life lost (DeepMind)")
+    clip_reward: bool = Field(True, description="learn from the sign of each reward (DeepMind)")
+    noop_max: int = Field(30, ge=0, description="at most this many no-op actions after a reset")
+    frame_skip: int = Field(4, ge=1, description="emulator frames per agent step, max-pooled over the last two")
+    frame_stack: int = Field(4, ge=1, description="frames stacked in an observation")
+    screen_size: int = Field(84, ge=36, description="observations are screen_size x screen_size greyscale")
+
+
 class WandbConfig(_Section):
     """Weights & Biases logging (offline by default: a local run directory, no account)."""
 
@@ -159,7 +171,10 @@ class TrainConfig(_Section):
     algo: Literal["ppo"] = Field("ppo", description="learning algorithm")
     total_timesteps: int = Field(100_000, ge=1, description="env steps to train for")
     n_envs: int = Field(8, ge=1, description="parallel environments")
-    vec_env: Literal["dummy", "subproc"] = Field("dummy", description="SB3 vectorisation: in-process or processes")
+    vec_env: Literal["auto", "ale", "dummy", "subproc"] = Field(
+        "auto",
+        description="auto: ale for Atari, else dummy; ale: ale-py's native vector env; dummy/subproc: SB3's VecEnvs",
+    )
     efference_copy: bool = Field(
         False, description="join the previous action and reward to the observation (paper App. C.3), both cores"
     )
@@ -174,6 +189,7 @@ class TrainConfig(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    atari: AtariConfig = Field(default_factory=AtariConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 

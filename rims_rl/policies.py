@@ -61,10 +61,49 @@ class _SharedCriticGradMixin:
     the actor's recurrent output, so only the policy loss trains the recurrent net. ``shared_critic_grad=True``
     lets the value loss train it too: one recurrent core for actor and critic, trained by the whole PPO/A2C loss,
     as in the PPO implementation the paper used (Kostrikov, 2018; App. C.12). Otherwise identical to sb3-contrib.
+
+    Two speed-ups that change no result:
+
+    - *compact observations*: sb3-contrib's buffer pads every minibatch to ``n_seq x max_length`` samples, so the
+      feature extractor (a CNN on Atari: most of the compute) ran on padding too. When the algorithm sets
+      :attr:`padding_mask` (``agents.buffers.CompactRecurrentRolloutBuffer`` does, via ``agents.ppo``) and the
+      observations are the unpadded samples, the extractor runs on those only and its features are scattered into
+      the padded layout (zeros at padding, which only follows the end of a sequence and is masked from the loss).
+    - images go through the CNN in channels-last memory format on CPU (~1.35x faster convolutions there).
     """
 
     shared_critic_grad: bool
     shared_lstm: bool
+    padding_mask: th.Tensor | None = None
+    """Set by the algorithm around each training minibatch: True at the padded positions that hold a sample."""
+    compact_observations = True
+    """Tells :class:`agents.buffers.CompactRecurrentRolloutBuffer` that this policy accepts unpadded observations."""
+
+    def extract_features(self, obs, features_extractor=None):  # type: ignore[no-untyped-def]
+        if isinstance(obs, th.Tensor) and obs.dim() == 4 and obs.device.type == "cpu":
+            obs = obs.contiguous(memory_format=th.channels_last)
+        if features_extractor is None:
+            return super().extract_features(obs)  # type: ignore[misc]
+        return super().extract_features(obs, features_extractor)  # type: ignore[misc]
+
+    def _sequence_features(self, obs, episode_starts):  # type: ignore[no-untyped-def]
+        """Features in the padded layout of ``episode_starts``, from padded or (with the mask) unpadded obs."""
+        features = self.extract_features(obs)
+        n_obs = (next(iter(obs.values())) if isinstance(obs, dict) else obs).shape[0]
+        mask = self.padding_mask
+        if n_obs == episode_starts.shape[0]:
+            return features
+        if mask is None or mask.shape[0] != episode_starts.shape[0] or int(mask.sum()) != n_obs:
+            raise ValueError(
+                f"got {n_obs} observations for {episode_starts.shape[0]} padded steps without a matching padding_mask"
+            )
+
+        def scatter(f: th.Tensor) -> th.Tensor:
+            out = f.new_zeros(mask.shape[0], f.shape[1])
+            out[mask] = f
+            return out
+
+        return scatter(features) if self.share_features_extractor else tuple(scatter(f) for f in features)  # type: ignore[attr-defined]
 
     def _critic_latent(self, latent_pi: th.Tensor) -> th.Tensor:
         return latent_pi if self.shared_critic_grad else latent_pi.detach()
@@ -102,7 +141,7 @@ class _SharedCriticGradMixin:
         return self.value_net(self.mlp_extractor.forward_critic(latent_vf))  # type: ignore[attr-defined]
 
     def evaluate_actions(self, obs, actions, lstm_states, episode_starts):  # type: ignore[no-untyped-def]
-        features = self.extract_features(obs)  # type: ignore[attr-defined]
+        features = self._sequence_features(obs, episode_starts)
         pi_features, vf_features = (features, features) if self.share_features_extractor else features  # type: ignore[attr-defined]
         latent_pi, _ = self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)  # type: ignore[attr-defined]
         if self.lstm_critic is not None:  # type: ignore[attr-defined]

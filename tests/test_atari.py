@@ -1,0 +1,147 @@
+"""Atari: every game builds and steps; the native and wrapper paths agree; compact minibatches change no result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch as th
+from sb3_contrib.common.recurrent.buffers import RecurrentRolloutBuffer
+
+from agents.buffers import CompactRecurrentRolloutBuffer
+from agents.ppo import RecurrentPPO
+from envs import FAMILIES, make_env
+from envs.atari import ATARI_V4_IDS, ATARI_V5_IDS, AtariSettings, AtariVecEnv, make_atari_wrapped
+
+
+def test_every_game_is_listed():
+    assert len(ATARI_V4_IDS) == 62
+    assert "DemonAttackNoFrameskip-v4" in ATARI_V4_IDS and "ALE/DemonAttack-v5" in ATARI_V5_IDS
+    assert len(ATARI_V5_IDS) >= 100
+    assert set(ATARI_V4_IDS) | set(ATARI_V5_IDS) == set(FAMILIES["atari"].ids)
+
+
+@pytest.mark.parametrize("env_id", ATARI_V4_IDS)
+def test_every_v4_game_builds_resets_and_steps(env_id):
+    env = make_env(env_id, n_envs=2, seed=0)
+    try:
+        obs = env.reset()
+        assert obs.shape == (2, 4, 84, 84) and obs.dtype == np.uint8
+        rng = np.random.default_rng(0)
+        for _ in range(8):
+            obs, rewards, dones, infos = env.step(rng.integers(0, env.action_space.n, size=2))
+        assert obs.shape == (2, 4, 84, 84) and rewards.dtype == np.float32 and dones.shape == (2,)
+        assert set(np.unique(rewards)) <= {-1.0, 0.0, 1.0}  # clipped for learning
+        assert all("lives" in info for info in infos)
+    finally:
+        env.close()
+
+
+def test_v5_ids_use_sticky_actions_and_build():
+    env = AtariVecEnv("ALE/Pong-v5", n_envs=1, seed=0)
+    try:
+        assert env.reset().shape == (1, 4, 84, 84)
+    finally:
+        env.close()
+
+
+def _play_one_game(env, seed: int = 0, max_steps: int = 20_000):
+    """Random actions in env 0 until its first game ends: (learning rewards, dones, the episode info)."""
+    rng = np.random.default_rng(seed)
+    env.reset()
+    rewards, dones = [], []
+    for _ in range(max_steps):
+        _, r, d, infos = env.step(rng.integers(0, env.action_space.n, size=env.num_envs))
+        rewards.append(r[0])
+        dones.append(bool(d[0]))
+        if "episode" in infos[0]:
+            return np.array(rewards), np.array(dones), infos[0]["episode"]
+    raise AssertionError("no game ended")
+
+
+@pytest.mark.parametrize("path", ["ale", "dummy"])
+def test_scores_are_whole_unclipped_games_while_learning_sees_lives_and_clipped_rewards(path):
+    # DemonAttack: 4 lives (3 shown), 10-35 points per demon.
+    def build(settings):
+        if path == "ale":
+            return AtariVecEnv("DemonAttackNoFrameskip-v4", n_envs=1, seed=3, settings=settings)
+        return make_atari_wrapped("DemonAttackNoFrameskip-v4", n_envs=1, seed=3, settings=settings)
+
+    env = build(AtariSettings())
+    try:
+        rewards, dones, info = _play_one_game(env)
+    finally:
+        env.close()
+    assert set(np.unique(rewards)) <= {0.0, 1.0, -1.0}
+    assert dones.sum() >= 3, "each life lost ends a learning episode"
+    assert dones[-1]
+    if path == "ale":
+        assert info["l"] == len(rewards), "the episode length is the whole game's, in agent steps"
+    else:  # SB3's EpisodicLifeEnv (a no-op) and FireResetEnv (2 steps) act after each reset and life lost
+        assert len(rewards) < info["l"] <= len(rewards) + 3 * dones.sum()
+    assert info["r"] > rewards.sum() > 0, "the score is unclipped and covers every life"
+
+    env = build(AtariSettings().full_games())
+    try:
+        rewards, dones, info = _play_one_game(env)
+    finally:
+        env.close()
+    assert dones.sum() == 1 and dones[-1], "evaluation: one episode is one game"
+    assert info["r"] == pytest.approx(rewards.sum()) and info["r"] > 35, "evaluation: raw rewards"
+
+
+def test_native_and_wrapper_paths_agree_on_spaces():
+    native = AtariVecEnv("BreakoutNoFrameskip-v4", n_envs=2, seed=0)
+    wrapped = make_atari_wrapped("BreakoutNoFrameskip-v4", n_envs=2, seed=0)
+    try:
+        assert native.observation_space == wrapped.observation_space
+        assert native.action_space == wrapped.action_space
+        a, b = native.reset(), wrapped.reset()
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert native.env_is_wrapped(__import__("stable_baselines3").common.monitor.Monitor) == [True, True]
+    finally:
+        native.close()
+        wrapped.close()
+
+
+def test_options_the_env_cannot_honour_are_refused():
+    with pytest.raises(ValueError, match="efference_copy"):
+        make_env("PongNoFrameskip-v4", efference_copy=True)
+    with pytest.raises(ValueError, match="Atari games only"):
+        make_env("CartPoleNoVel-v1", vec_env="ale")
+
+
+@pytest.mark.parametrize("policy", ["RIMCnnPolicy", "CnnLstmPolicy"])
+def test_compact_minibatches_give_the_same_update_as_padded_ones(policy):
+    """One PPO update with the compact buffer (unpadded uint8 observations) equals sb3-contrib's padded buffer."""
+    kwargs = dict(lstm_hidden_size=32) if policy == "CnnLstmPolicy" else dict(num_units=3, unit_size=8, k_active=2)
+    params = []
+    for compact in (True, False):
+        env = AtariVecEnv("BreakoutNoFrameskip-v4", n_envs=2, seed=0)
+        model = RecurrentPPO(
+            policy, env, n_steps=32, batch_size=24, n_epochs=1, seed=0, device="cpu",
+            policy_kwargs=dict(**kwargs, enable_critic_lstm=False) if policy == "CnnLstmPolicy" else
+            dict(**kwargs, enable_critic_rim=False),
+        )  # fmt: skip
+        assert isinstance(model.rollout_buffer, CompactRecurrentRolloutBuffer)
+        if not compact:
+            old = model.rollout_buffer
+            model.rollout_buffer = RecurrentRolloutBuffer(
+                model.n_steps, model.observation_space, model.action_space, old.hidden_state_shape, "cpu",
+                gamma=model.gamma, gae_lambda=model.gae_lambda, n_envs=model.n_envs,
+            )  # fmt: skip
+        model.learn(64)
+        params.append(th.nn.utils.parameters_to_vector(model.policy.parameters()).detach())
+        env.close()
+    assert th.allclose(params[0], params[1], atol=1e-6, rtol=1e-5)
+
+
+def test_unpadded_observations_without_a_mask_are_refused():
+    env = AtariVecEnv("PongNoFrameskip-v4", n_envs=1, seed=0)
+    model = RecurrentPPO("CnnLstmPolicy", env, n_steps=8, policy_kwargs=dict(lstm_hidden_size=8), device="cpu")
+    obs = th.zeros(3, 4, 84, 84, dtype=th.uint8)
+    states = model.policy.lstm_actor.weight_hh_l0.new_zeros(1, 1, 8)
+    from sb3_contrib.common.recurrent.type_aliases import RNNStates
+
+    with pytest.raises(ValueError, match="padding_mask"):
+        model.policy.evaluate_actions(obs, th.zeros(4), RNNStates((states, states), (states, states)), th.zeros(4))
+    env.close()
