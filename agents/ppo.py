@@ -25,7 +25,6 @@ from sb3_contrib.common.recurrent.type_aliases import RecurrentRolloutBufferSamp
 from stable_baselines3.common.policies import BasePolicy
 
 from agents.buffers import CompactRecurrentRolloutBuffer
-
 from rims_rl.policies import (
     CnnLstmPolicy,
     MlpLstmPolicy,

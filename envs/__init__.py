@@ -102,7 +102,7 @@ def make_env(
         raise ValueError(f"vec_env={vec_env!r} is not one of {', '.join(VEC_ENVS)}")
     if is_atari(env_id):
         if efference_copy:
-            raise ValueError("efference_copy joins the action and reward to vector observations; Atari frames are images")
+            raise ValueError("efference_copy joins the action and reward to vector observations, not Atari frames")
         if env_kwargs:
             raise ValueError("Atari envs take their options from the atari config section, not env_kwargs")
         if vec_env in ("auto", "ale"):
