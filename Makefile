@@ -34,6 +34,7 @@ lint: install
 
 bench: install
 	$(BIN)/python scripts/benchmark_core.py
+	$(BIN)/python scripts/benchmark_atari.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -145,3 +145,59 @@ def test_unpadded_observations_without_a_mask_are_refused():
     with pytest.raises(ValueError, match="padding_mask"):
         model.policy.evaluate_actions(obs, th.zeros(4), RNNStates((states, states), (states, states)), th.zeros(4))
     env.close()
+
+
+# ---- the command, as the README gives it ---------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["rims", "lstm"])
+def test_train_demon_attack_then_evaluate_a_full_game(policy, tmp_path):
+    from tests.test_cli import run_cli
+
+    run_dir = tmp_path / policy
+    proc = run_cli("train", "--env", "DemonAttackNoFrameskip-v4", "--policy", policy, "--total-timesteps", "4096",
+                   "--run-dir", str(run_dir), "--no-progress", "--set", "eval.episodes=2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "evaluation: DemonAttackNoFrameskip-v4: mean return" in proc.stdout
+    cfg = __import__("yaml").safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["n_envs"] == 8 and cfg["ppo"]["n_steps"] == 128 and cfg["ppo"]["clip_range"] == 0.1  # atari.yaml
+    assert cfg["rim"]["k_active"] == 5 and cfg["network"]["recurrent_critic"] == "shared"
+    proc = run_cli("evaluate", str(run_dir), "--episodes", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = __import__("json").loads(proc.stdout)
+    assert record["episodes"] == 1 and record["mean_return"] >= 0
+    assert record["lengths"][0] > 100, "a whole game, not one life"
+
+
+def _suite():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "atari_suite.py"
+    spec = importlib.util.spec_from_file_location("atari_suite", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_suite_skips_finished_runs_and_restarts_unfinished_ones(tmp_path, capsys):
+    suite = _suite()
+    cells = suite.plan(tmp_path, ["PongNoFrameskip-v4"], ["rims", "lstm"], [0])
+    (cells[0].run_dir).mkdir(parents=True)
+    (cells[0].run_dir / "run.json").write_text('{"status": "finished"}')
+    (cells[1].run_dir).mkdir(parents=True)
+    (cells[1].run_dir / "run.json").write_text('{"status": "interrupted"}')
+    assert suite.main(["--games", "Pong", "--seeds", "0", "--out", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs, 1 finished, 1 to run" in out
+    args = suite.argparse.Namespace(device="cpu", wandb="disabled", total_timesteps=1000, set=None)
+    assert "--overwrite" in suite.command(cells[1], args)
+    assert suite.main(["--games", "Pongg", "--dry-run"]) == 2
+    assert "did you mean Pong" in capsys.readouterr().err
+
+
+def test_sweep_file_covers_the_grid():
+    import yaml
+
+    sweep = yaml.safe_load(open(__import__("pathlib").Path(__file__).parent.parent / "configs/sweeps/atari.yaml"))
+    assert sorted(sweep["parameters"]["env"]["values"]) == sorted(ATARI_V4_IDS)
+    assert sweep["parameters"]["policy"]["values"] == ["rims", "lstm"]
+    assert sweep["command"][1:3] == ["rims-rl", "train"]
