@@ -1,6 +1,7 @@
 """``rims-rl``: train and evaluate RIM and LSTM agents.
 
     rims-rl train --env CartPoleNoVel-v1 --policy rims      # hyperparameters from configs/<family>.yaml
+    rims-rl train --env DemonAttackNoFrameskip-v4 --policy lstm --device cuda   # any Atari game: configs/atari.yaml
     rims-rl evaluate runs/CartPoleNoVel-v1/rims-ppo-s0-...   # full episodes with the final model
     rims-rl envs                                              # the env families and ids the project provides
     rims-rl config --env CartPoleNoVel-v1                     # the resolved configuration, every key documented

@@ -174,6 +174,7 @@ def _suite():
     path = Path(__file__).resolve().parent.parent / "scripts" / "atari_suite.py"
     spec = importlib.util.spec_from_file_location("atari_suite", path)
     module = importlib.util.module_from_spec(spec)
+    __import__("sys").modules["atari_suite"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
