@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch as th
+import yaml
 from sb3_contrib.common.recurrent.buffers import RecurrentRolloutBuffer
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
+from stable_baselines3.common.monitor import Monitor
 
 from agents.buffers import CompactRecurrentRolloutBuffer
 from agents.ppo import RecurrentPPO
@@ -97,7 +105,7 @@ def test_native_and_wrapper_paths_agree_on_spaces():
         assert native.action_space == wrapped.action_space
         a, b = native.reset(), wrapped.reset()
         assert a.shape == b.shape and a.dtype == b.dtype
-        assert native.env_is_wrapped(__import__("stable_baselines3").common.monitor.Monitor) == [True, True]
+        assert native.env_is_wrapped(Monitor) == [True, True]
     finally:
         native.close()
         wrapped.close()
@@ -140,8 +148,6 @@ def test_unpadded_observations_without_a_mask_are_refused():
     model = RecurrentPPO("CnnLstmPolicy", env, n_steps=8, policy_kwargs=dict(lstm_hidden_size=8), device="cpu")
     obs = th.zeros(3, 4, 84, 84, dtype=th.uint8)
     states = model.policy.lstm_actor.weight_hh_l0.new_zeros(1, 1, 8)
-    from sb3_contrib.common.recurrent.type_aliases import RNNStates
-
     with pytest.raises(ValueError, match="padding_mask"):
         model.policy.evaluate_actions(obs, th.zeros(4), RNNStates((states, states), (states, states)), th.zeros(4))
     env.close()
@@ -157,24 +163,21 @@ def test_train_demon_attack_then_evaluate_a_full_game(policy, tmp_path):
                    "--run-dir", str(run_dir), "--no-progress", "--set", "eval.episodes=2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "evaluation: DemonAttackNoFrameskip-v4: mean return" in proc.stdout
-    cfg = __import__("yaml").safe_load((run_dir / "config.yaml").read_text())
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["n_envs"] == 8 and cfg["ppo"]["n_steps"] == 128 and cfg["ppo"]["clip_range"] == 0.1  # atari.yaml
     assert cfg["rim"]["k_active"] == 5 and cfg["network"]["recurrent_critic"] == "shared"
     proc = run_cli("evaluate", str(run_dir), "--episodes", "1", "--json")
     assert proc.returncode == 0, proc.stderr
-    record = __import__("json").loads(proc.stdout)
+    record = json.loads(proc.stdout)
     assert record["episodes"] == 1 and record["mean_return"] >= 0
     assert record["lengths"][0] > 100, "a whole game, not one life"
 
 
 def _suite():
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parent.parent / "scripts" / "atari_suite.py"
     spec = importlib.util.spec_from_file_location("atari_suite", path)
     module = importlib.util.module_from_spec(spec)
-    __import__("sys").modules["atari_suite"] = module  # dataclasses look their module up
+    sys.modules["atari_suite"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -196,9 +199,7 @@ def test_suite_skips_finished_runs_and_restarts_unfinished_ones(tmp_path, capsys
 
 
 def test_sweep_file_covers_the_grid():
-    import yaml
-
-    sweep = yaml.safe_load(open(__import__("pathlib").Path(__file__).parent.parent / "configs/sweeps/atari.yaml"))
+    sweep = yaml.safe_load((Path(__file__).parent.parent / "configs/sweeps/atari.yaml").read_text())
     assert sorted(sweep["parameters"]["env"]["values"]) == sorted(ATARI_V4_IDS)
     assert sweep["parameters"]["policy"]["values"] == ["rims", "lstm"]
     assert sweep["command"][1:3] == ["rims-rl", "train"]
