@@ -12,6 +12,9 @@ policies (same model, sizes kept on save/load, one-call sequences): see :mod:`ri
 With those policies (and vector or image observations) the rollout buffer is
 :class:`agents.buffers.CompactRecurrentRolloutBuffer`: observations kept in their own dtype and not padded, so the
 feature extractor runs on real samples only. Losses, sampling and results are sb3-contrib's.
+
+:attr:`RecurrentPPO.iterations` counts the rollouts collected over the whole run (it is saved with the model), so
+``time/iterations`` continues across a resumed run instead of restarting at 1.
 """
 
 from __future__ import annotations
@@ -51,6 +54,17 @@ class RecurrentPPO(_RecurrentPPO):
     sb3-contrib's."""
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = POLICY_ALIASES
+    iterations: int = 0
+    """Rollouts collected over the whole run, across ``learn`` calls and resumes (saved with the model)."""
+
+    def collect_rollouts(self, *args: Any, **kwargs: Any) -> bool:
+        complete = super().collect_rollouts(*args, **kwargs)
+        if complete:
+            self.iterations += 1
+        return complete
+
+    def dump_logs(self, iteration: int = 0) -> None:
+        super().dump_logs(self.iterations if iteration > 0 else 0)
 
     def _setup_model(self) -> None:
         super()._setup_model()

@@ -1,23 +1,32 @@
-"""The training procedure behind ``rims-rl train``: config in, run directory out.
+"""The training procedure behind ``rims-rl train``: config in, run directory out; and resuming a stopped run.
 
 A run directory holds everything a report needs, with no network:
 
 =====================  ===============================================================================
 ``config.yaml``        the resolved configuration (every key, defaults included)
-``run.json``           metadata: project version, status (running/finished/interrupted/failed), steps, W&B run
+``run.json``           metadata: project version, status (running/finished/interrupted/failed), env steps, newest
+                       checkpoint, W&B run id, and one entry per resume
 ``progress.csv``       SB3's logged scalars, one row per rollout (``time/total_timesteps`` is the env step)
-``checkpoints/``       periodic checkpoints ``model_<steps>_steps.zip`` (``checkpoint_freq``) and, after an
-                       interrupt, ``interrupted_<steps>_steps.zip``
+``checkpoints/``       ``ckpt_<steps>_steps/``: periodic (``checkpoint.every_steps`` / ``every_minutes``), on
+                       SIGINT/SIGTERM, and final; the newest ``checkpoint.keep`` (``agents/checkpoints.py``)
 ``evaluations.npz``    periodic evaluations (``eval.freq``), SB3's EvalCallback format
 ``model.zip``          the final model (``RecurrentPPO.load``)
 ``eval.json``          the final evaluation on env seeds disjoint from training
 ``wandb/``             the W&B run (offline unless ``wandb.mode: online``)
+``.lock``              held while a process trains into the directory
 =====================  ===============================================================================
+
+:func:`train` starts a run; :func:`resume` continues one from its newest whole checkpoint: the model, optimizer,
+schedules, counters, RNG states, env state (where it can be saved), evaluation history, pending log values and W&B
+run all continue, and ``progress.csv`` is cut back to the checkpoint's step so no row is duplicated or missing. On
+CPU, with the same thread count, a resumed classic-control run reproduces the uninterrupted run's metrics exactly.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,8 +39,7 @@ from gymnasium import spaces
 from stable_baselines3.common.callbacks import (
     BaseCallback,
     CallbackList,
-    CheckpointCallback,
-    EvalCallback,
+    ProgressBarCallback,
     StopTrainingOnRewardThreshold,
 )
 from stable_baselines3.common.logger import CSVOutputFormat, Logger
@@ -40,6 +48,26 @@ from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 from torch import nn
 
+from agents.callbacks import (
+    GracefulStop,
+    RunCheckpointCallback,
+    SeededEvalCallback,
+    StopForCheckpoint,
+    TrainingDiverged,
+)
+from agents.checkpoints import (
+    Checkpoint,
+    RunInUse,
+    RunLock,
+    capture_env,
+    capture_rng,
+    latest_checkpoint,
+    restore_env,
+    restore_rng,
+    resume_seed,
+    to_device,
+    write_checkpoint,
+)
 from agents.evaluation import EVAL_N_ENVS, EVAL_SEED_OFFSET, EvalResult, evaluate
 from agents.ppo import RecurrentPPO
 from envs import AtariSettings, make_env
@@ -50,15 +78,23 @@ from rims_rl.tracking import RIMActivationCallback, WandbOutputFormat, start_wan
 __all__ = [
     "ConfigRejected",
     "Prepared",
+    "ResumableCSVOutputFormat",
+    "RunRejected",
     "TrainResult",
+    "TrainingDiverged",
     "TrainingInterrupted",
     "atari_settings",
     "build_model",
+    "load_run",
+    "make_train_env",
     "policy_kwargs",
     "policy_name",
     "prepare",
+    "resume",
     "train",
 ]
+
+log = logging.getLogger(__name__)
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
 
@@ -69,14 +105,21 @@ class TrainResult:
     timesteps: int
     seconds: float
     final_eval: EvalResult | None
+    resumed_from: int | None = None
+    """The env step the run resumed from (None for a run trained in one go)."""
 
     @property
     def steps_per_second(self) -> float:
-        return self.timesteps / self.seconds if self.seconds > 0 else 0.0
+        trained = self.timesteps - (self.resumed_from or 0)
+        return trained / self.seconds if self.seconds > 0 else 0.0
 
 
 class ConfigRejected(ValueError):
     """The env or the model could not be built from the configuration (one line: what and why)."""
+
+
+class RunRejected(ValueError):
+    """A run directory cannot be resumed (one line: what and why); nothing in it was changed."""
 
 
 @dataclass
@@ -88,11 +131,39 @@ class Prepared:
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped by Ctrl-C; a checkpoint of the model at that point was saved."""
+    """Training stopped by a signal (SIGINT/SIGTERM); ``checkpoint`` is the newest one to resume from (or None)."""
 
-    def __init__(self, run_dir: Path, checkpoint: Path, timesteps: int) -> None:
-        super().__init__(f"interrupted at {timesteps} steps; checkpoint saved to {checkpoint}")
-        self.run_dir, self.checkpoint, self.timesteps = run_dir, checkpoint, timesteps
+    def __init__(self, run_dir: Path, checkpoint: Path | None, timesteps: int, signal_name: str = "") -> None:
+        by = f" by {signal_name}" if signal_name else ""
+        saved = f"checkpoint {checkpoint.name}" if checkpoint is not None else "no checkpoint yet"
+        super().__init__(f"interrupted{by} at step {timesteps}; {saved}")
+        self.run_dir, self.checkpoint, self.timesteps, self.signal_name = run_dir, checkpoint, timesteps, signal_name
+
+
+class ResumableCSVOutputFormat(CSVOutputFormat):
+    """SB3's CSV writer, continuing an existing file when ``keep_until`` is given: rows logged after that env step
+    (by a process that died after its last checkpoint) are dropped first, so the file has no duplicate step."""
+
+    def __init__(self, filename: str | Path, keep_until: int | None = None) -> None:
+        path = Path(filename)
+        rows = []
+        if keep_until is not None and path.is_file():
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+        if not rows or "time/total_timesteps" not in rows[0]:
+            super().__init__(str(path))
+            return
+        header, column = rows[0], rows[0].index("time/total_timesteps")
+        kept = [r for r in rows[1:] if len(r) == len(header) and r[column] and int(float(r[column])) <= keep_until]
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([header, *kept])
+        tmp.replace(path)
+        self.file = open(path, "r+")
+        self.file.seek(0, 2)
+        self.keys = list(header)
+        self.separator = ","
+        self.quotechar = '"'
 
 
 def policy_name(cfg: TrainConfig, observation_space: spaces.Space) -> str:
@@ -181,11 +252,10 @@ def build_model(cfg: TrainConfig, env: Any) -> RecurrentPPO:
     )
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
-    """Build the training env and the model for ``cfg``, writing nothing.
+def make_train_env(cfg: TrainConfig) -> VecEnv:
+    """The vectorised training env of ``cfg`` (with reward normalisation if configured).
 
-    :raises ConfigRejected: when the env cannot be made (e.g. a missing optional dependency) or SB3 rejects the
-        settings (e.g. ``ppo.use_sde`` with discrete actions).
+    :raises ConfigRejected: when the env cannot be made (e.g. a missing optional dependency).
     """
     try:
         env = make_env(
@@ -196,6 +266,16 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise ConfigRejected(f"cannot make env {cfg.env}: {str(err).splitlines()[0]}") from None
     if cfg.normalize_reward:  # observations untouched, so the policy needs no statistics at evaluation
         env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=cfg.ppo.gamma)
+    return env
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Build the training env and the model for ``cfg``, writing nothing.
+
+    :raises ConfigRejected: when the env cannot be made or SB3 rejects the settings (e.g. ``ppo.use_sde`` with
+        discrete actions).
+    """
+    env = make_train_env(cfg)
     try:
         model = build_model(cfg, env)
     except (ValueError, AssertionError, TypeError) as err:
@@ -218,30 +298,170 @@ def train(
     progress_bar: bool = False,
     callbacks: list[BaseCallback] | None = None,
     prepared: Prepared | None = None,
+    handle_signals: bool = True,
 ) -> TrainResult:
     """Train ``cfg`` into ``run_dir`` (created; it should be new or empty) and evaluate the final model.
 
     :param prepared: the env and model from :func:`prepare` (built here if None).
+    :param handle_signals: the first SIGINT/SIGTERM finishes the current update, checkpoints and stops
+        (:class:`~agents.callbacks.GracefulStop`); a second stops at once.
     :raises ConfigRejected: before anything is written, if the env or model cannot be built.
-    :raises TrainingInterrupted: on Ctrl-C, after saving a checkpoint and closing the W&B run.
+    :raises RunRejected: if another process trains into ``run_dir``.
+    :raises TrainingInterrupted: after a signal (the run can be resumed with :func:`resume`).
+    :raises TrainingDiverged: when a loss or parameter becomes non-finite (the last good checkpoint is kept).
     """
     prepared = prepared or prepare(cfg)
-    env, model = prepared.env, prepared.model
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    meta: dict[str, Any] = {
-        "rims_rl_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "status": "running",
-        "env": cfg.env,
-        "policy": cfg.policy,
-        "algo": cfg.algo,
-        "seed": cfg.seed,
-        "timesteps": 0,
-    }
-    _write_json(run_dir / "run.json", meta)
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunInUse as err:
+        prepared.env.close()
+        raise RunRejected(str(err)) from None
+    try:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        meta: dict[str, Any] = {
+            "rims_rl_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "status": "running",
+            "env": cfg.env,
+            "policy": cfg.policy,
+            "algo": cfg.algo,
+            "seed": cfg.seed,
+            "timesteps": 0,
+        }
+        _write_json(run_dir / "run.json", meta)
+        return _run(cfg, run_dir, prepared.env, prepared.model, meta, None, progress_bar, callbacks, handle_signals)
+    finally:
+        lock.release()
 
+
+def load_run(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config and metadata of a run directory, checked to be readable by this version.
+
+    :raises RunRejected: if ``run_dir`` is not a run directory, or its config or version does not fit this one.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunRejected(f"run directory {run_dir} does not exist")
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "run.json").is_file():
+        raise RunRejected(f"{run_dir} is not a rims-rl run directory (no config.yaml and run.json)")
+    try:
+        meta = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        raise RunRejected(f"{run_dir / 'run.json'} is not readable JSON") from None
+    version = str(meta.get("rims_rl_version", "?"))
+    if version.split(".")[:2] != __version__.split(".")[:2]:
+        raise RunRejected(
+            f"{run_dir} was written by rims-rl {version}; this is {__version__}: resume it with rims-rl {version}"
+        )
+    try:
+        cfg = TrainConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunRejected(f"{run_dir / 'config.yaml'} is not a config this version can run ({first})") from None
+    return cfg, meta
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return prefix.rstrip(".") if a != b else None
+
+
+def resume(
+    run_dir: Path,
+    *,
+    device: str | None = None,
+    progress_bar: bool = False,
+    callbacks: list[BaseCallback] | None = None,
+    handle_signals: bool = True,
+) -> TrainResult:
+    """Continue a run from its newest whole checkpoint (a damaged newer one is skipped with a warning).
+
+    :param device: where to continue (default: the run's ``device``); a run may move between machines.
+    :param callbacks: extra callbacks, as given to :func:`train` (their state is restored if they have
+        ``load_state_dict``).
+    :raises RunRejected: nothing to resume (finished, no checkpoint), in use, or written by another version.
+    """
+    run_dir = Path(run_dir)
+    cfg, meta = load_run(run_dir)
+    if meta.get("status") == "finished":
+        raise RunRejected(f"run {run_dir} is finished ({meta.get('timesteps')} steps): nothing to resume")
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunInUse as err:
+        raise RunRejected(str(err)) from None
+    try:
+        ckpt, skipped = latest_checkpoint(run_dir)
+        for damaged, problem in skipped:
+            log.warning("checkpoint %s is damaged (%s): using the one before it", damaged.path.name, problem)
+        if ckpt is None:
+            raise RunRejected(f"{run_dir} has no whole checkpoint to resume from (start it again with --overwrite)")
+        try:
+            state = ckpt.load_state()
+        except Exception as err:
+            raise RunRejected(f"cannot read {ckpt.state_file}: {type(err).__name__}: {err}"[:300]) from None
+        changed = _first_difference(cfg.model_dump(), state.get("config"))
+        if changed:
+            raise RunRejected(
+                f"{run_dir / 'config.yaml'} differs from the config its checkpoints were made with ({changed}): "
+                "put it back, or start a new run"
+            )
+        try:
+            env = make_train_env(cfg)
+        except ConfigRejected as err:
+            raise RunRejected(str(err)) from None
+        try:
+            model = RecurrentPPO.load(ckpt.model_file, env=env, device=device or cfg.device, force_reset=False)
+        except Exception as err:
+            env.close()
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RunRejected(f"cannot load {ckpt.model_file}: {first}") from None
+        exact = restore_env(env, state["env"])
+        if state.get("lstm_states") is not None:
+            model._last_lstm_states = to_device(state["lstm_states"], model.device)
+        if not exact:  # the episodes running at the checkpoint restart from a reset
+            log.warning(
+                "the state of %s is not saved in checkpoints: the episodes in progress at step %d restart",
+                state["env"]["kinds"][-1],
+                ckpt.timesteps,
+            )
+            env.seed(resume_seed(cfg.seed, ckpt.timesteps))
+            model._last_obs = None  # type: ignore[assignment]
+        meta.setdefault("resumes", []).append(
+            {
+                "from_timesteps": ckpt.timesteps,
+                "checkpoint": ckpt.path.name,
+                "env_state_restored": exact,
+                "skipped_damaged": [c.path.name for c, _ in skipped],
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+        meta["rims_rl_version"] = __version__
+        return _run(cfg, run_dir, env, model, meta, state, progress_bar, callbacks, handle_signals)
+    finally:
+        lock.release()
+
+
+def _run(
+    cfg: TrainConfig,
+    run_dir: Path,
+    env: VecEnv,
+    model: RecurrentPPO,
+    meta: dict[str, Any],
+    state: dict[str, Any] | None,
+    progress_bar: bool,
+    callbacks: list[BaseCallback] | None,
+    handle_signals: bool,
+) -> TrainResult:
+    """The training session shared by :func:`train` and :func:`resume` (``state``: the checkpoint's, or None)."""
+    resumed_from = state["timesteps"] if state is not None else None
+    wandb_id = (meta.get("wandb") or {}).get("id") if state is not None else None
     wandb_run = start_wandb(
         cfg.wandb.mode,
         run_dir,
@@ -252,85 +472,155 @@ def train(
         job_type=cfg.policy,
         tags=[cfg.policy, cfg.algo, *cfg.wandb.tags],
         name=run_dir.name,
+        run_id=wandb_id,
     )
     if wandb_run is not None:
         meta["wandb"] = {"mode": cfg.wandb.mode, "id": wandb_run.id, "dir": str(Path(wandb_run.dir).parent)}
-        _write_json(run_dir / "run.json", meta)
-    outputs = [CSVOutputFormat(str(run_dir / "progress.csv"))]
+    meta["status"] = "running"
+    _write_json(run_dir / "run.json", meta)
+    outputs = [ResumableCSVOutputFormat(run_dir / "progress.csv", keep_until=resumed_from)]
     if wandb_run is not None:
         outputs.append(WandbOutputFormat(wandb_run))
     model.set_logger(Logger(str(run_dir), outputs))
 
+    stop = GracefulStop()
     cb: list[BaseCallback] = []
-    if cfg.checkpoint_freq > 0:
-        cb.append(
-            CheckpointCallback(
-                save_freq=max(cfg.checkpoint_freq // cfg.n_envs, 1),
-                save_path=str(run_dir / "checkpoints"),
-                name_prefix="model",
-            )
-        )
+
+    def save_checkpoint() -> Checkpoint:
+        logger = model.logger
+        ckpt_state = {
+            "timesteps": model.num_timesteps,
+            "training_done": checkpointer.training_done,
+            "config": cfg.model_dump(),
+            "rng": capture_rng(),
+            "env": capture_env(env),
+            "logger": {
+                "name_to_value": dict(logger.name_to_value),
+                "name_to_count": dict(logger.name_to_count),
+                "name_to_excluded": dict(logger.name_to_excluded),
+            },
+            "callbacks": [c.state_dict() if hasattr(c, "state_dict") else None for c in cb],
+            "wandb_id": wandb_run.id if wandb_run is not None else None,
+        }
+        ckpt = write_checkpoint(run_dir, model, ckpt_state, keep=cfg.checkpoint.keep, version=__version__)
+        meta.update(timesteps=model.num_timesteps, checkpoint=ckpt.path.name)
+        _write_json(run_dir / "run.json", meta)
+        return ckpt
+
+    checkpointer = RunCheckpointCallback(
+        save_checkpoint,
+        every_steps=cfg.checkpoint.every_steps,
+        every_minutes=cfg.checkpoint.every_minutes,
+        stop=stop,
+    )
+    cb.append(checkpointer)
     if cfg.policy == "rims":
         cb.append(RIMActivationCallback())
     eval_env = None
     if cfg.eval.freq > 0:
+        eval_seed = cfg.seed + EVAL_SEED_OFFSET
         eval_env = make_env(
             cfg.env,
             n_envs=min(cfg.eval.episodes, EVAL_N_ENVS),
-            seed=cfg.seed + EVAL_SEED_OFFSET,
+            seed=eval_seed,
             efference_copy=cfg.efference_copy,
             atari=atari_settings(cfg).full_games(),
         )
         if cfg.normalize_reward:  # EvalCallback syncs statistics between identically wrapped envs
             eval_env = VecNormalize(eval_env, norm_obs=False, norm_reward=False, training=False)
-        stop = StopTrainingOnRewardThreshold(cfg.eval.stop_at, verbose=0) if cfg.eval.stop_at is not None else None
+        threshold = cfg.eval.stop_at
         cb.append(
-            EvalCallback(
+            SeededEvalCallback(
                 eval_env,
+                seed=eval_seed,
+                stop=stop,
                 n_eval_episodes=cfg.eval.episodes,
                 eval_freq=max(cfg.eval.freq // cfg.n_envs, 1),
                 deterministic=cfg.eval.deterministic,
                 log_path=str(run_dir),
-                callback_on_new_best=stop,
+                callback_on_new_best=StopTrainingOnRewardThreshold(threshold) if threshold is not None else None,
                 warn=False,
                 verbose=0,
             )
         )
     cb += callbacks or []
+    progress = ProgressBarCallback() if progress_bar else None
+    if progress is not None:
+        cb.append(progress)
 
+    training_done = False
+    if state is not None:
+        for callback, saved in zip(cb, state["callbacks"], strict=False):
+            if saved is not None and hasattr(callback, "load_state_dict"):
+                callback.load_state_dict(saved)
+        for name in ("name_to_value", "name_to_count", "name_to_excluded"):
+            getattr(model.logger, name).update(state["logger"][name])
+        training_done = state["training_done"]
+        checkpointer.training_done = training_done
+        checkpointer.last_checkpoint = Checkpoint(run_dir / "checkpoints" / f"ckpt_{resumed_from}_steps", resumed_from)
+        restore_rng(state["rng"])  # last: nothing between here and the first rollout draws from the RNGs
+
+    def finish_wandb(code: int) -> None:
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=code)
+
+    def stopped(checkpoint: Checkpoint | None) -> TrainingInterrupted:
+        if progress is not None and getattr(progress, "pbar", None) is not None:
+            progress.pbar.close()
+        if checkpoint is None:
+            checkpoint = latest_checkpoint(run_dir)[0]
+        meta.update(status="interrupted", timesteps=checkpoint.timesteps if checkpoint else 0)
+        _write_json(run_dir / "run.json", meta)
+        finish_wandb(128 + (stop.signum or 2))
+        steps = checkpoint.timesteps if checkpoint else 0
+        return TrainingInterrupted(run_dir, checkpoint.path if checkpoint else None, steps, stop.signal_name)
+
+    installed = handle_signals and stop.install()
     start = time.perf_counter()
     try:
-        model.learn(cfg.total_timesteps, callback=CallbackList(cb), progress_bar=progress_bar)
-    except KeyboardInterrupt:
-        checkpoint = run_dir / "checkpoints" / f"interrupted_{model.num_timesteps}_steps.zip"
-        checkpoint.parent.mkdir(exist_ok=True)
-        model.save(checkpoint)
-        meta.update(status="interrupted", timesteps=model.num_timesteps)
+        remaining = cfg.total_timesteps - model.num_timesteps
+        if not training_done and remaining > 0:
+            model.learn(remaining, callback=CallbackList(cb), reset_num_timesteps=state is None)
+        if stop.requested:  # the signal came during the last update: the final checkpoint is written
+            raise stopped(checkpointer.last_checkpoint)
+        stop.immediate = True  # from here on nothing is left to checkpoint: a signal stops at once
+    except StopForCheckpoint:
+        raise stopped(checkpointer.last_checkpoint) from None
+    except KeyboardInterrupt:  # a second signal, or Ctrl-C without our handler
+        raise stopped(None) from None
+    except TrainingInterrupted:
+        raise
+    except BaseException as err:  # a crash or divergence: the run directory says so, and the W&B run is closed
+        meta.update(status="failed", error=f"{type(err).__name__}: {err}"[:500], failed_at=model.num_timesteps)
         _write_json(run_dir / "run.json", meta)
-        if wandb_run is not None:
-            wandb_run.finish(exit_code=130)
-        raise TrainingInterrupted(run_dir, checkpoint, model.num_timesteps) from None
-    except BaseException as err:  # a crash: the run directory says so, and the W&B run is closed
-        meta.update(status="failed", timesteps=model.num_timesteps, error=f"{type(err).__name__}: {err}"[:500])
-        _write_json(run_dir / "run.json", meta)
-        if wandb_run is not None:
-            wandb_run.finish(exit_code=1)
+        finish_wandb(1)
         raise
     finally:
         env.close()
         if eval_env is not None:
             eval_env.close()
+        if installed and not stop.immediate:
+            stop.uninstall()
     seconds = time.perf_counter() - start
-    model.save(run_dir / "model.zip")
 
-    result = evaluate(
-        model, cfg.env, episodes=cfg.eval.episodes, deterministic=cfg.eval.deterministic,
-        seed=cfg.seed + EVAL_SEED_OFFSET, efference_copy=cfg.efference_copy, atari=atari_settings(cfg),
-    )  # fmt: skip
+    try:
+        tmp = run_dir / "model.tmp.zip"
+        model.save(tmp)
+        tmp.replace(run_dir / "model.zip")
+        result = evaluate(
+            model, cfg.env, episodes=cfg.eval.episodes, deterministic=cfg.eval.deterministic,
+            seed=cfg.seed + EVAL_SEED_OFFSET, efference_copy=cfg.efference_copy, atari=atari_settings(cfg),
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        raise stopped(checkpointer.last_checkpoint) from None
+    finally:
+        if installed:
+            stop.uninstall()
     _write_json(run_dir / "eval.json", result.to_dict())
-    meta.update(status="finished", timesteps=model.num_timesteps, seconds=round(seconds, 2))
+    meta.update(status="finished", timesteps=model.num_timesteps)
+    meta["seconds"] = round(meta.get("seconds", 0.0) + seconds, 2)
     _write_json(run_dir / "run.json", meta)
     if wandb_run is not None:
         wandb_run.summary.update({"eval/mean_return": result.mean_return, "eval/std_return": result.std_return})
         wandb_run.finish()
-    return TrainResult(run_dir=run_dir, timesteps=model.num_timesteps, seconds=seconds, final_eval=result)
+    return TrainResult(run_dir, model.num_timesteps, seconds, result, resumed_from)

@@ -12,7 +12,7 @@ in :mod:`rims_rl.cli` (``rims-rl``).
 
 from rims_rl.rim import RIM, RIMInfo
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "RIM",

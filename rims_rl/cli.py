@@ -2,12 +2,16 @@
 
     rims-rl train --env CartPoleNoVel-v1 --policy rims      # hyperparameters from configs/<family>.yaml
     rims-rl train --env DemonAttackNoFrameskip-v4 --policy lstm --device cuda   # any Atari game: configs/atari.yaml
+    rims-rl train --resume runs/CartPoleNoVel-v1/rims-ppo-s0-...   # continue a stopped run from its last checkpoint
     rims-rl evaluate runs/CartPoleNoVel-v1/rims-ppo-s0-...   # full episodes with the final model
     rims-rl envs                                              # the env families and ids the project provides
     rims-rl config --env CartPoleNoVel-v1                     # the resolved configuration, every key documented
 
-Bad input (unknown env id, policy, config key, out-of-range value, missing run directory) gets one line on stderr
-saying what is wrong and what is valid, and exit code 2.
+Bad input (unknown env id, policy, config key, out-of-range value, missing or unusable run directory) gets one line
+on stderr saying what is wrong and what is valid, and exit code 2; so does a training run that diverges (NaN or inf
+in a loss or parameter), whose last good checkpoint is kept. The first Ctrl-C (SIGINT) or SIGTERM finishes the
+current update, saves a checkpoint and exits with 128 + the signal number (130, 143), printing how to resume; a
+second one exits at once.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from rims_rl.config import CONFIG_DIR, ConfigError, TrainConfig, describe_fields
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+_RESUME_KEEPS = ("device", "no_progress", "resume")  # the only train options that go with --resume
 
 
 class UsageError(Exception):
@@ -101,7 +106,17 @@ def _check_device(device: str) -> None:
             raise UsageError(f"--device {device}: this machine has {count} CUDA device(s) (use auto or cpu)")
 
 
+def _signal_exit_code(name: str) -> int:
+    import signal
+
+    return 128 + int(signal.Signals[name]) if name else EXIT_INTERRUPTED
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        return _resume(args)
+    if args.env is None:
+        raise UsageError("the following arguments are required: --env (or --resume RUN_DIR)")
     cfg = _resolve(args, _train_flags(args))
     _check_device(cfg.device)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg)
@@ -111,13 +126,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if replace:
         if not args.overwrite:
             raise UsageError(
-                f"run directory {run_dir} already exists and is not empty (use --overwrite, or another --run-dir)"
+                f"run directory {run_dir} already exists and is not empty (use --resume {run_dir} to continue it, "
+                "--overwrite to replace it, or another --run-dir)"
             )
         if not (run_dir / "config.yaml").is_file() and not (run_dir / "run.json").is_file():
             raise UsageError(f"{run_dir} is not a rims-rl run directory: --overwrite only replaces run directories")
 
-    from agents.training import ConfigRejected, TrainingInterrupted, prepare, train
+    from agents.checkpoints import RunInUse, RunLock
+    from agents.training import ConfigRejected, prepare, train
 
+    if replace:
+        try:
+            RunLock.check(run_dir)
+        except RunInUse as err:
+            raise UsageError(f"{err}: it cannot be overwritten now") from None
     try:
         prepared = prepare(cfg)  # env and model first: a config the libraries reject fails before anything is written
     except ConfigRejected as err:
@@ -127,11 +149,51 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         shutil.rmtree(run_dir)
     print(f"training {cfg.policy} ({cfg.algo}) on {cfg.env} for {cfg.total_timesteps} steps -> {run_dir}")
+    return _training(lambda: train(cfg, run_dir, progress_bar=not args.no_progress, prepared=prepared), run_dir)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name, value in vars(args).items()
+        if name not in _RESUME_KEEPS and name not in ("command", "func") and value not in (None, False, [])
+    ]
+    if given:
+        raise UsageError(
+            f"--resume continues a run with its saved config: drop {', '.join(given)} (to change settings, start a "
+            "new run)"
+        )
+    run_dir = Path(args.resume)
+    from agents.training import RunRejected, load_run, resume
+
     try:
-        result = train(cfg, run_dir, progress_bar=not args.no_progress, prepared=prepared)
+        cfg, meta = load_run(run_dir)
+    except RunRejected as err:
+        raise UsageError(str(err)) from None
+    _check_device(args.device or cfg.device)
+    print(f"resuming {cfg.policy} ({cfg.algo}) on {cfg.env} in {run_dir}")
+    return _training(lambda: resume(run_dir, device=args.device, progress_bar=not args.no_progress), run_dir)
+
+
+def _training(run: Any, run_dir: Path) -> int:
+    """Run ``train``/``resume`` and turn its outcome into output lines and an exit code."""
+    from agents.training import RunRejected, TrainingDiverged, TrainingInterrupted
+
+    try:
+        result = run()
+    except RunRejected as err:
+        raise UsageError(str(err)) from None
     except TrainingInterrupted as stop:
-        print(f"rims-rl: {stop}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"rims-rl: {stop}; resume with: rims-rl train --resume {run_dir}", file=sys.stderr)
+        return _signal_exit_code(stop.signal_name)
+    except TrainingDiverged as err:
+        from agents.checkpoints import latest_checkpoint
+
+        good = latest_checkpoint(run_dir)[0]
+        kept = f"the last good checkpoint is {good.path.name}" if good else "no checkpoint was written before it"
+        raise UsageError(f"{err} ({kept}; try a lower ppo.learning_rate or ppo.max_grad_norm)") from None
+    if result.resumed_from is not None:
+        print(f"resumed at step {result.resumed_from}; ", end="")
     print(f"trained {result.timesteps} steps in {result.seconds:.0f}s ({result.steps_per_second:.0f} steps/s)")
     if result.final_eval is not None:
         print(f"evaluation: {result.final_eval.summary()}")
@@ -154,14 +216,12 @@ def _load_run(run_dir: Path) -> tuple[TrainConfig, Path]:
         raise UsageError(f"{config_file} is not a valid rims-rl config ({str(err).splitlines()[0]})") from None
     model_file = run_dir / "model.zip"
     if not model_file.is_file():
-        steps = {}
-        for path in (run_dir / "checkpoints").glob("*_steps.zip"):
-            match = re.search(r"_(\d+)_steps$", path.stem)
-            if match:
-                steps[path] = int(match.group(1))
-        if not steps:
-            raise UsageError(f"{run_dir} holds no model (no model.zip and no checkpoints/*_<N>_steps.zip)")
-        model_file = max(steps, key=steps.__getitem__)
+        from agents.checkpoints import latest_checkpoint
+
+        checkpoint = latest_checkpoint(run_dir)[0]
+        if checkpoint is None:
+            raise UsageError(f"{run_dir} holds no model (no model.zip and no whole checkpoint in checkpoints/)")
+        model_file = checkpoint.model_file
     return cfg, model_file
 
 
@@ -230,8 +290,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _add_config_args(p: argparse.ArgumentParser, env_required: bool) -> None:
-    p.add_argument("--env", required=env_required, default="CartPoleNoVel-v1", help="gymnasium env id (rims-rl envs)")
+def _add_config_args(p: argparse.ArgumentParser, env_default: str | None) -> None:
+    p.add_argument("--env", default=env_default, help="gymnasium env id (rims-rl envs)")
     p.add_argument("--policy", choices=["rims", "lstm"], help="recurrent core: RIM or the LSTM baseline")
     p.add_argument("--algo", choices=["ppo"], help="learning algorithm (default from the config: ppo)")
     p.add_argument("--config", type=Path, help="YAML file overriding the env family's config")
@@ -254,9 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train an agent into a run directory", description="Train an agent.")
-    _add_config_args(p, env_required=True)
+    _add_config_args(p, env_default=None)
     p.add_argument("--run-dir", help="run directory (default runs/<env>/<policy>-<algo>-s<seed>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue a stopped run from its newest checkpoint, with its saved config (only --device may change)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -278,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_envs)
 
     p = sub.add_parser("config", help="print the resolved config", description="Print the resolved configuration.")
-    _add_config_args(p, env_required=False)
+    _add_config_args(p, env_default="CartPoleNoVel-v1")
     p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
     p.set_defaults(func=cmd_config)
     return parser

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "CONFIG_DIR",
     "AtariConfig",
+    "CheckpointConfig",
     "ConfigError",
     "EvalConfig",
     "LSTMConfig",
@@ -153,6 +154,14 @@ class AtariConfig(_Section):
     screen_size: int = Field(84, ge=36, description="observations are screen_size x screen_size greyscale")
 
 
+class CheckpointConfig(_Section):
+    """When a run writes checkpoints (always at the end and on SIGINT/SIGTERM; see ``agents/checkpoints.py``)."""
+
+    every_steps: int = Field(0, ge=0, description="checkpoint every N env steps (0: off)")
+    every_minutes: float = Field(10.0, ge=0.0, description="checkpoint every N minutes of wall time (0: off)")
+    keep: int = Field(2, ge=1, description="keep the newest N checkpoints")
+
+
 class WandbConfig(_Section):
     """Weights & Biases logging (offline by default: a local run directory, no account)."""
 
@@ -183,14 +192,24 @@ class TrainConfig(_Section):
     )
     seed: int = Field(0, ge=0, description="random seed (envs, torch, numpy)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
-    checkpoint_freq: int = Field(0, ge=0, description="save a checkpoint every N env steps (0: final only)")
     rim: RIMConfig = Field(default_factory=RIMConfig)
     lstm: LSTMConfig = Field(default_factory=LSTMConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     atari: AtariConfig = Field(default_factory=AtariConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        """Configs of runs made before 0.2 name ``checkpoint.every_steps`` ``checkpoint_freq``."""
+        if isinstance(data, dict) and "checkpoint_freq" in data:
+            data = dict(data)
+            old = data.pop("checkpoint_freq")
+            data["checkpoint"] = {"every_steps": old, **(data.get("checkpoint") or {})}
+        return data
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -39,11 +39,14 @@ def start_wandb(
     job_type: str,
     tags: list[str],
     name: str,
+    run_id: str | None = None,
 ) -> Any | None:
     """Open a W&B run writing under ``run_dir/wandb``; None if ``mode == "disabled"`` or W&B fails to start.
 
     Runs carry ``group`` (the env id), ``job_type`` (the policy) and tags, so a W&B workspace grouped by them plots
-    RIM against LSTM side by side.
+    RIM against LSTM side by side. With ``run_id`` (a resumed training run) the same W&B run continues: online, W&B
+    resumes it; offline, each segment is its own ``offline-run-*`` directory with that id, and
+    ``wandb sync --id RUN_ID <dirs>`` uploads them into one run in order.
     """
     if mode == "disabled":
         return None
@@ -61,6 +64,8 @@ def start_wandb(
             config=config,
             dir=str(run_dir),
             mode=mode,
+            id=run_id,
+            resume="allow" if run_id else None,
             settings=wandb.Settings(silent=True, console="off", disable_git=True, save_code=False),
         )
     except Exception as err:

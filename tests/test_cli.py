@@ -177,12 +177,13 @@ def test_evaluate_rejects_damaged_models_and_bad_devices(trained_run, tmp_path, 
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
-    (broken / "model.zip").unlink()
-    (broken / "checkpoints").mkdir()
-    (broken / "checkpoints" / "notes_steps.zip").write_bytes(b"")
-    shutil.copy(trained_run / "model.zip", broken / "checkpoints" / "model_256_steps.zip")
+    (broken / "model.zip").unlink()  # no final model: the newest whole checkpoint is evaluated
+    final = broken / "checkpoints" / "ckpt_256_steps"
+    assert final.is_dir()
+    shutil.copytree(final, broken / "checkpoints" / "ckpt_512_steps")
+    (broken / "checkpoints" / "ckpt_512_steps" / "state.pkl").write_bytes(b"damaged")
     assert main(["evaluate", str(broken), "--episodes", "1"]) == 0
-    assert "model_256_steps.zip" in capsys.readouterr().out
+    assert "ckpt_256_steps/model.zip" in capsys.readouterr().out
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
