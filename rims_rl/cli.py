@@ -167,7 +167,7 @@ def _resume(args: argparse.Namespace) -> int:
     from agents.training import RunRejected, load_run, resume
 
     try:
-        cfg, meta = load_run(run_dir)
+        cfg, _ = load_run(run_dir)
     except RunRejected as err:
         raise UsageError(str(err)) from None
     _check_device(args.device or cfg.device)
