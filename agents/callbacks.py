@@ -8,11 +8,12 @@ neither disturb training nor block a stop.
   steps and/or every ``every_minutes`` of wall time, on a stop request, and at the end. Before each checkpoint it
   checks that the update's losses and the parameters are finite; if not it raises :class:`TrainingDiverged` and
   writes nothing, so the newest checkpoint is the last good one.
-* :class:`SeededEvalCallback` is SB3's ``EvalCallback`` with three changes: every evaluation plays the same env
+* :class:`SeededEvalCallback` is SB3's ``EvalCallback`` with four changes: every evaluation plays the same env
   seeds (a fixed evaluation set: less noise between evaluations, and identical after a resume); the evaluation
   draws from a fork of the global RNGs, so evaluating (or not, or being interrupted) never changes the training
-  trajectory; a stop request aborts an evaluation in progress. Its state (the evaluation history) is saved in
-  checkpoints through :meth:`SeededEvalCallback.state_dict`.
+  trajectory; a stop request aborts an evaluation in progress; its ``eval/*`` values are written with the
+  rollout's row (one row per update in ``progress.csv``, at the rollout's env step) instead of a row of their
+  own. Its state (the evaluation history) is saved in checkpoints through :meth:`SeededEvalCallback.state_dict`.
 
 Callbacks with ``state_dict()``/``load_state_dict()`` methods have their state saved in checkpoints and restored on
 resume (the training loop matches them by position).
@@ -42,6 +43,7 @@ __all__ = [
     "SeededEvalCallback",
     "StopForCheckpoint",
     "TrainingDiverged",
+    "nonfinite_parameter",
 ]
 
 log = logging.getLogger(__name__)
@@ -165,10 +167,21 @@ class RunCheckpointCallback(BaseCallback):
         for key, value in self.logger.name_to_value.items():
             if key.startswith("train/") and isinstance(value, (int, float, np.number)) and not math.isfinite(value):
                 raise TrainingDiverged(self.model.num_timesteps, key)
-        params = list(self.model.policy.parameters())
-        if params and not bool(th.stack([th.isfinite(p).all() for p in params]).all()):
-            name = next(n for n, p in self.model.policy.named_parameters() if not th.isfinite(p).all())
+        name = nonfinite_parameter(self.model.policy)
+        if name is not None:
             raise TrainingDiverged(self.model.num_timesteps, f"parameter {name}")
+
+
+def nonfinite_parameter(module: th.nn.Module) -> str | None:
+    """The name of the first parameter of ``module`` holding a NaN or infinity, or None (one device sync)."""
+    params = list(module.parameters())
+    if not params or bool(th.stack([th.isfinite(p).all() for p in params]).all()):
+        return None
+    return next(n for n, p in module.named_parameters() if not th.isfinite(p).all())
+
+
+def _no_dump(step: int = 0) -> None:
+    pass
 
 
 class SeededEvalCallback(EvalCallback):
@@ -191,12 +204,14 @@ class SeededEvalCallback(EvalCallback):
         self.eval_env.seed(self.seed)
         device = self.model.device
         py_state, np_state = random.getstate(), np.random.get_state()
+        self.logger.dump = _no_dump  # type: ignore[method-assign]  # eval/* joins the rollout's row at its step
         try:
             with th.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
                 return super()._on_step()
         except EvaluationAborted:
             return True
         finally:
+            del self.logger.dump
             random.setstate(py_state)
             np.random.set_state(np_state)
 

@@ -20,11 +20,13 @@ one. Only the newest ``keep`` checkpoints are kept.
 
 Checkpoints are taken at rollout boundaries (after a PPO update, before the next rollout), the one point where the
 whole training state is the handful of things above. A run resumed from one replays the uninterrupted run exactly
-when the env state could be saved (SB3's ``DummyVecEnv`` of picklable envs: the classic-control family and the
-gymnasium-wrapper Atari path) and the same device and thread count are used. ale-py's native vector env and
-``SubprocVecEnv`` hold their envs in C++ or other processes: for them the episodes running at the checkpoint are
-restarted from a reset (with a seed derived from the run's seed and the env step), and everything else continues
-exactly.
+when the env state could be saved and the same device and thread count are used. The env state is saved for SB3's
+``DummyVecEnv`` of envs that pickle with their state: the classic-control family, and the gymnasium-wrapper Atari
+path (``vec_env: dummy``) on ``NoFrameskip-v4`` ids, whose emulators are saved with ale-py's ``clone_state``. It is
+not saved for ale-py's native vector env (the default Atari path), ``SubprocVecEnv``, ``ALE/*-v5`` ids (sticky
+actions repeat a previous action the emulator state leaves out) and other ``EzPickle`` envs (MuJoCo, Box2D), which
+pickle as a fresh copy. For those the episodes running at the checkpoint restart from a reset (seeded from the
+run's seed and the env step, see :func:`resume_seed`), and everything else continues exactly.
 """
 
 from __future__ import annotations
@@ -279,7 +281,7 @@ def capture_env(venv: VecEnv) -> dict[str, Any]:
         except Exception:
             layers.append(None)
     base_state = None
-    if isinstance(base, DummyVecEnv) and all(_is_ale(env) or not _is_ezpickle(env) for env in base.envs):
+    if isinstance(base, DummyVecEnv) and all(_capturable(env) for env in base.envs):
         try:
             base_state = cloudpickle.dumps(
                 {"attrs": vars(base), "ale": {i: _ale_state(env) for i, env in enumerate(base.envs) if _is_ale(env)}}
@@ -311,9 +313,12 @@ def restore_env(venv: VecEnv, state: dict[str, Any]) -> bool:
 
 
 # gymnasium's EzPickle envs (Atari, MuJoCo, Box2D) pickle as their constructor call: unpickled, they are new envs.
-# ale-py's is captured by hand (its attributes, and the emulator with its RNG); the others are not captured.
-def _is_ezpickle(env: Any) -> bool:
-    return isinstance(env.unwrapped, EzPickle)
+# ale-py's is captured by hand (its attributes, and the emulator with its RNG) unless it has sticky actions (the
+# emulator state leaves out the previous action they repeat); the others are not captured.
+def _capturable(env: Any) -> bool:
+    if _is_ale(env):
+        return env.unwrapped.ale.getFloat("repeat_action_probability") == 0.0
+    return not isinstance(env.unwrapped, EzPickle)
 
 
 def _is_ale(env: Any) -> bool:
@@ -343,24 +348,29 @@ class RunLock:
         self._file: Any = None
 
     def acquire(self) -> RunLock:
+        self._file = self._lock(self.path)
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()
+            self._file.write(f"pid {os.getpid()}")
+            self._file.flush()
+        return self
+
+    @staticmethod
+    def _lock(path: Path) -> Any:
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock
-            return self
-        self._file = open(self.path, "a+")
+            return None
+        file = open(path, "a+")
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            self._file = None
-            raise RunInUse(f"run directory {self.path.parent} is in use by {holder}") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"pid {os.getpid()}")
-        self._file.flush()
-        return self
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise RunInUse(f"run directory {path.parent} is in use by {holder}") from None
+        return file
 
     def release(self) -> None:
         if self._file is not None:
@@ -369,9 +379,12 @@ class RunLock:
 
     @classmethod
     def check(cls, run_dir: Path) -> None:
-        """Raise :class:`RunInUse` if a live process holds ``run_dir``."""
-        if (Path(run_dir) / ".lock").exists():
-            cls(run_dir).acquire().release()
+        """Raise :class:`RunInUse` if a live process holds ``run_dir`` (writes nothing)."""
+        path = Path(run_dir) / ".lock"
+        if path.exists():
+            file = cls._lock(path)
+            if file is not None:
+                file.close()
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -54,6 +54,7 @@ from agents.callbacks import (
     SeededEvalCallback,
     StopForCheckpoint,
     TrainingDiverged,
+    nonfinite_parameter,
 )
 from agents.checkpoints import (
     Checkpoint,
@@ -393,25 +394,29 @@ def resume(
     if meta.get("status") == "finished":
         raise RunRejected(f"run {run_dir} is finished ({meta.get('timesteps')} steps): nothing to resume")
     try:
+        RunLock.check(run_dir)  # checked, not taken: a refused resume writes nothing
+    except RunInUse as err:
+        raise RunRejected(str(err)) from None
+    ckpt, skipped = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise RunRejected(f"{run_dir} has no whole checkpoint to resume from (start it again with --overwrite)")
+    try:
+        state = ckpt.load_state()
+    except Exception as err:
+        raise RunRejected(f"cannot read {ckpt.state_file}: {type(err).__name__}: {err}"[:300]) from None
+    changed = _first_difference(cfg.model_dump(), state.get("config"))
+    if changed:
+        raise RunRejected(
+            f"{run_dir / 'config.yaml'} differs from the config its checkpoints were made with ({changed}): "
+            "put it back, or start a new run"
+        )
+    try:
         lock = RunLock(run_dir).acquire()
     except RunInUse as err:
         raise RunRejected(str(err)) from None
     try:
-        ckpt, skipped = latest_checkpoint(run_dir)
         for damaged, problem in skipped:
             log.warning("checkpoint %s is damaged (%s): using the one before it", damaged.path.name, problem)
-        if ckpt is None:
-            raise RunRejected(f"{run_dir} has no whole checkpoint to resume from (start it again with --overwrite)")
-        try:
-            state = ckpt.load_state()
-        except Exception as err:
-            raise RunRejected(f"cannot read {ckpt.state_file}: {type(err).__name__}: {err}"[:300]) from None
-        changed = _first_difference(cfg.model_dump(), state.get("config"))
-        if changed:
-            raise RunRejected(
-                f"{run_dir / 'config.yaml'} differs from the config its checkpoints were made with ({changed}): "
-                "put it back, or start a new run"
-            )
         try:
             env = make_train_env(cfg)
         except ConfigRejected as err:
@@ -591,9 +596,14 @@ def _run(
     except TrainingInterrupted:
         raise
     except BaseException as err:  # a crash or divergence: the run directory says so, and the W&B run is closed
+        bad = nonfinite_parameter(model.policy) if not isinstance(err, TrainingDiverged) else None
+        if bad is not None:  # NaN weights inside an update make torch.distributions refuse the next minibatch
+            err = TrainingDiverged(model.num_timesteps, f"parameter {bad}")
         meta.update(status="failed", error=f"{type(err).__name__}: {err}"[:500], failed_at=model.num_timesteps)
         _write_json(run_dir / "run.json", meta)
         finish_wandb(1)
+        if bad is not None:
+            raise err from None
         raise
     finally:
         env.close()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -163,8 +165,6 @@ def test_overwrite_with_an_unusable_device_keeps_the_old_run(trained_run, capsys
 
 
 def test_evaluate_rejects_damaged_models_and_bad_devices(trained_run, tmp_path, capsys):
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(trained_run, broken)
     (broken / "model.zip").write_bytes(b"not a zip")
@@ -199,3 +199,116 @@ def test_console_script_reports_bad_input_without_traceback():
     assert proc.returncode == 2
     assert proc.stderr.startswith("rims-rl: error: unknown env id 'NoSuchEnv-v0'")
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input around run directories: one line, exit code 2, and the run directory exactly as it was.
+def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).digest())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def edit_json(path: Path, **changes: Any) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def edit_config(run: Path, section: str | None, key: str, value: Any) -> None:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (config[section] if section else config)[key] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def interrupted(run: Path) -> Path:
+    edit_json(run / "run.json", status="interrupted")
+    return run
+
+
+RUN_BAD_INPUTS = {
+    "resume-with-config-flags": (
+        lambda run: ["train", "--resume", str(interrupted(run)), "--policy", "lstm", "--set", "seed=3"],
+        "--resume continues a run with its saved config: drop --policy, --set",
+    ),
+    "resume-missing": (lambda run: ["train", "--resume", str(run / "nope")], "nope does not exist"),
+    "resume-not-a-run": (lambda run: ["train", "--resume", str(run / "checkpoints")], "is not a rims-rl run directory"),
+    "resume-finished": (lambda run: ["train", "--resume", str(run)], "is finished (256 steps): nothing to resume"),
+    "resume-other-version": (
+        lambda run: (
+            edit_json(run / "run.json", rims_rl_version="0.1.0", status="interrupted"),
+            ["train", "--resume", str(run)],
+        )[1],
+        "was written by rims-rl 0.1.0; this is",
+    ),
+    "resume-invalid-config": (
+        lambda run: (edit_config(interrupted(run), "rim", "k_active", 9), ["train", "--resume", str(run)])[1],
+        "is not a config this version can run",
+    ),
+    "resume-changed-config": (
+        lambda run: (edit_config(interrupted(run), None, "seed", 3), ["train", "--resume", str(run)])[1],
+        "differs from the config its checkpoints were made with (seed)",
+    ),
+    "resume-no-checkpoint": (
+        lambda run: (shutil.rmtree(interrupted(run) / "checkpoints"), ["train", "--resume", str(run)])[1],
+        "has no whole checkpoint to resume from",
+    ),
+    "existing-run-dir": (
+        lambda run: ["train", "--env", "CartPoleNoVel-v1", "--run-dir", str(run), *TINY],
+        "already exists and is not empty (use --resume",
+    ),
+    "unknown-key": (
+        lambda run: ["train", "--env", "CartPoleNoVel-v1", "--run-dir", str(run), "--set", "rim.unit_sise=4"],
+        "unknown config key 'rim.unit_sise' in --set (did you mean 'rim.unit_size'?)",
+    ),
+    "negative-size": (
+        lambda run: ["train", "--env", "CartPoleNoVel-v1", "--run-dir", str(run), "--set", "rim.unit_size=-1"],
+        "config key 'rim.unit_size' = -1 in --set: input should be greater than or equal to 1",
+    ),
+    "unknown-cell": (
+        lambda run: ["train", "--env", "CartPoleNoVel-v1", "--run-dir", str(run), "--set", "rim.cell=rnn"],
+        "config key 'rim.cell' = 'rnn' in --set: input should be 'lstm' or 'gru'",
+    ),
+    "k-active-above-units": (
+        lambda run: ["train", "--env", "CartPoleNoVel-v1", "--run-dir", str(run), "--set", "rim.k_active=7"],
+        "rim.k_active=7 must be in [1, rim.num_units=6]",
+    ),
+    "unknown-env": (
+        lambda run: ["train", "--env", "DemonAtack-v5", "--run-dir", str(run)],
+        "unknown env id 'DemonAtack-v5'; did you mean",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_BAD_INPUTS))
+def test_bad_run_input_is_refused_and_the_run_directory_untouched(case, trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)  # with the .lock its training left
+    make_argv, message = RUN_BAD_INPUTS[case]
+    argv = make_argv(run)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_run_in_use_is_neither_resumed_nor_overwritten(trained_run, tmp_path, capsys):
+    from agents.checkpoints import RunLock
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(".lock"))
+    interrupted(run)
+    with RunLock(run):
+        before = snapshot(tmp_path)
+        for argv in (["train", "--resume", str(run)],
+                     ["train", "--env", "CartPoleNoVel-v1", "--run-dir", str(run), "--overwrite", *TINY]):  # fmt: skip
+            with pytest.raises(SystemExit) as exit_info:
+                main(argv)
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and f"run directory {run} is in use by pid {os.getpid()}" in err
+        assert snapshot(tmp_path) == before
