@@ -6,7 +6,8 @@
 
 Each cell is one ``rims-rl train`` run (``configs/atari.yaml``) into ``<out>/<env id>/<policy>-s<seed>``; W&B groups
 the runs by game (offline unless ``--wandb online``). A cell whose run directory says ``finished`` is skipped, so the
-script can be stopped and started again; an unfinished cell (crashed, interrupted) is started again from scratch.
+script can be stopped and started again; an unfinished cell (crashed, interrupted, killed) continues from its newest
+checkpoint (``rims-rl train --resume``), or starts again if it has none.
 Cells run one after another (one GPU machine per process); to spread the grid over many machines, use the W&B
 sweep in ``configs/sweeps/atari.yaml`` (README, "Atari").
 """
@@ -68,6 +69,11 @@ def plan(out: Path, games: list[str], policies: list[str], seeds: list[int]) -> 
 
 
 def command(cell: Cell, args: argparse.Namespace) -> list[str]:
+    from agents.checkpoints import latest_checkpoint
+
+    if cell.status != "todo" and latest_checkpoint(cell.run_dir)[0] is not None:
+        return [sys.executable, "-m", "rims_rl.cli", "train", "--resume", str(cell.run_dir), "--device", args.device,
+                "--no-progress"]  # fmt: skip
     cmd = [
         sys.executable, "-m", "rims_rl.cli", "train", "--env", cell.env_id, "--policy", cell.policy,
         "--seed", str(cell.seed), "--run-dir", str(cell.run_dir), "--device", args.device, "--wandb", args.wandb,
@@ -75,7 +81,7 @@ def command(cell: Cell, args: argparse.Namespace) -> list[str]:
     ]  # fmt: skip
     if args.total_timesteps is not None:
         cmd += ["--total-timesteps", str(args.total_timesteps)]
-    if cell.status != "todo":  # an unfinished run directory: start the cell again
+    if cell.status != "todo":  # an unfinished run directory without a checkpoint: start the cell again
         cmd.append("--overwrite")
     for item in args.set or []:
         cmd += ["--set", item]
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("atari_suite: interrupted; run it again to continue with the unfinished runs", file=sys.stderr)
             return 130
-        if rc == 130:
+        if rc in (130, 143):  # SIGINT / SIGTERM: the run saved a checkpoint
             print("atari_suite: interrupted; run it again to continue with the unfinished runs", file=sys.stderr)
             return 130
         if rc != 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -182,7 +183,7 @@ def _suite():
     return module
 
 
-def test_suite_skips_finished_runs_and_restarts_unfinished_ones(tmp_path, capsys):
+def test_suite_skips_finished_runs_and_resumes_or_restarts_unfinished_ones(tmp_path, capsys):
     suite = _suite()
     cells = suite.plan(tmp_path, ["PongNoFrameskip-v4"], ["rims", "lstm"], [0])
     (cells[0].run_dir).mkdir(parents=True)
@@ -193,7 +194,15 @@ def test_suite_skips_finished_runs_and_restarts_unfinished_ones(tmp_path, capsys
     out = capsys.readouterr().out
     assert "2 runs, 1 finished, 1 to run" in out
     args = suite.argparse.Namespace(device="cpu", wandb="disabled", total_timesteps=1000, set=None)
-    assert "--overwrite" in suite.command(cells[1], args)
+    assert "--overwrite" in suite.command(cells[1], args)  # no checkpoint: from scratch
+    checkpoint = cells[1].run_dir / "checkpoints" / "ckpt_8_steps"
+    checkpoint.mkdir(parents=True)
+    for name in ("model.zip", "state.pkl"):
+        (checkpoint / name).write_bytes(b"")
+    empty = {"size": 0, "sha256": hashlib.sha256(b"").hexdigest()}
+    manifest = {"format": 1, "files": {"model.zip": empty, "state.pkl": empty}}
+    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
+    assert suite.command(cells[1], args)[3:6] == ["train", "--resume", str(cells[1].run_dir)]
     assert suite.main(["--games", "Pongg", "--dry-run"]) == 2
     assert "did you mean Pong" in capsys.readouterr().err
 
@@ -203,3 +212,25 @@ def test_sweep_file_covers_the_grid():
     assert sorted(sweep["parameters"]["env"]["values"]) == sorted(ATARI_V4_IDS)
     assert sweep["parameters"]["policy"]["values"] == ["rims", "lstm"]
     assert sweep["command"][1:3] == ["rims-rl", "train"]
+
+
+def test_an_atari_run_stops_on_sigint_and_resumes_with_fresh_episodes(tmp_path, caplog):
+    """The native vector env's emulators are not saved: the episodes in progress restart, the rest continues."""
+    import signal
+
+    from agents.training import TrainingInterrupted, resume, train
+    from rims_rl.config import CONFIG_DIR, resolve_config
+    from tests.test_training import SignalAt
+
+    overrides = ["policy=lstm", "total_timesteps=512", "n_envs=2", "ppo.n_steps=64", "ppo.batch_size=64",
+                 "ppo.n_epochs=1", "eval.episodes=1", "wandb.mode=disabled"]  # fmt: skip
+    cfg = resolve_config("PongNoFrameskip-v4", CONFIG_DIR / "atari.yaml", overrides=overrides)
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(cfg, tmp_path, callbacks=[SignalAt(signal.SIGINT, step=130)])
+    assert stop.value.timesteps == 256
+    with caplog.at_level("WARNING"):
+        result = resume(tmp_path)
+    assert "the state of AtariVecEnv is not saved in checkpoints" in caplog.text
+    assert result.resumed_from == 256 and result.timesteps == 512 and result.final_eval.episodes == 1
+    meta = json.loads((tmp_path / "run.json").read_text())
+    assert meta["status"] == "finished" and meta["resumes"][0]["env_state_restored"] is False

@@ -148,3 +148,27 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert newest.timesteps == 512
     good = RecurrentPPO.load(newest.model_file, device="cpu")
     assert all(th.isfinite(p).all() for p in good.policy.parameters())
+
+
+def test_a_non_finite_loss_is_caught_before_the_next_checkpoint():
+    from stable_baselines3.common.logger import Logger
+
+    from agents.callbacks import RunCheckpointCallback
+
+    cfg = tiny_config()
+    env = make_env(cfg.env, n_envs=2, seed=0)
+    model = build_model(cfg, env)
+    model.set_logger(Logger(None, []))
+    saved = []
+    callback = RunCheckpointCallback(lambda: saved.append(model.num_timesteps), every_steps=1)
+    callback.init_callback(model)
+    callback.on_training_start({}, {})
+    callback.on_rollout_start()  # where the run starts: nothing to save
+    model.num_timesteps = 64
+    callback.on_rollout_start()
+    model.logger.record("train/value_loss", float("inf"))
+    model.num_timesteps = 128
+    with pytest.raises(TrainingDiverged, match="at step 128: train/value_loss is not finite"):
+        callback.on_rollout_start()
+    assert saved == [64]
+    env.close()
