@@ -5,9 +5,10 @@ neither disturb training nor block a stop.
   request: the current PPO update finishes, a checkpoint is written, and training stops. A second signal stops at
   once (``KeyboardInterrupt``), losing only the work since the last checkpoint.
 * :class:`RunCheckpointCallback` decides *when* to checkpoint: at rollout boundaries, every ``every_steps`` env
-  steps and/or every ``every_minutes`` of wall time, on a stop request, and at the end. Before each checkpoint it
-  checks that the update's losses and the parameters are finite; if not it raises :class:`TrainingDiverged` and
-  writes nothing, so the newest checkpoint is the last good one.
+  steps and/or every ``every_minutes`` of wall time, on a stop request, and at the end. At each boundary it checks
+  that the update's losses and the parameters are finite, and before each checkpoint that the policy's output on
+  the current observations is; if not it raises :class:`TrainingDiverged` and writes nothing, so the newest
+  checkpoint is the last good one.
 * :class:`SeededEvalCallback` is SB3's ``EvalCallback`` with four changes: every evaluation plays the same env
   seeds (a fixed evaluation set: less noise between evaluations, and identical after a resume); the evaluation
   draws from a fork of the global RNGs, so evaluating (or not, or being interrupted) never changes the training
@@ -43,6 +44,7 @@ __all__ = [
     "SeededEvalCallback",
     "StopForCheckpoint",
     "TrainingDiverged",
+    "is_divergence_error",
     "nonfinite_parameter",
 ]
 
@@ -158,6 +160,7 @@ class RunCheckpointCallback(BaseCallback):
         self._save()
 
     def _save(self) -> None:
+        self.check_outputs()
         self.last_checkpoint = self.save()
         self._last_steps = self.model.num_timesteps
         self._last_time = time.monotonic()
@@ -170,6 +173,35 @@ class RunCheckpointCallback(BaseCallback):
         name = nonfinite_parameter(self.model.policy)
         if name is not None:
             raise TrainingDiverged(self.model.num_timesteps, f"parameter {name}")
+
+    def check_outputs(self) -> None:
+        """Raise :class:`TrainingDiverged` if the policy's actions or values on the current observations are not
+        finite (finite weights can still overflow). Greedy, in eval mode, on a fork of the RNGs: it changes
+        nothing."""
+        model = self.model
+        states = getattr(model, "_last_lstm_states", None)
+        if model._last_obs is None or states is None:
+            return
+        policy = model.policy
+        training = policy.training
+        policy.set_training_mode(False)
+        try:
+            with th.no_grad(), th.random.fork_rng(devices=[]):
+                obs, _ = policy.obs_to_tensor(model._last_obs)
+                starts = th.as_tensor(model._last_episode_starts, dtype=th.float32, device=model.device)
+                _, values, log_prob, _ = policy(obs, states, starts, deterministic=True)
+            finite = bool(th.isfinite(values).all() and th.isfinite(log_prob).all())
+        except ValueError:  # torch.distributions refuses NaN parameters
+            finite = False
+        finally:
+            policy.set_training_mode(training)
+        if not finite:
+            raise TrainingDiverged(model.num_timesteps, "the policy's output on the current observations")
+
+
+def is_divergence_error(err: BaseException) -> bool:
+    """Whether ``err`` is torch.distributions refusing NaN parameters (a policy whose output overflowed)."""
+    return isinstance(err, ValueError) and "found invalid values" in str(err)
 
 
 def nonfinite_parameter(module: th.nn.Module) -> str | None:

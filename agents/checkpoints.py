@@ -174,7 +174,7 @@ def write_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     lstm_states = getattr(model, "_last_lstm_states", None)
-    state = dict(state, lstm_states=_to_cpu(lstm_states) if lstm_states is not None else None)
+    state = dict(state, lstm_states=to_device(lstm_states, th.device("cpu")))
     model.save(tmp / _MODEL, exclude=_NOT_IN_ZIP)
     with open(tmp / _STATE, "wb") as f:
         pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -204,10 +204,10 @@ def write_checkpoint(
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Remove all but the newest ``keep`` whole checkpoints (damaged ones older than those go too) and leftovers
-    of writers that died."""
+    """Remove all but the newest ``keep`` checkpoints with a manifest (older ones without go too) and leftovers of
+    writers that died. (Only a resume verifies the files: hashing every kept checkpoint at each write is waste.)"""
     checkpoints = find_checkpoints(root.parent)
-    whole = [c for c in checkpoints if c.problem() is None]
+    whole = [c for c in checkpoints if (c.path / _MANIFEST).is_file()]
     kept = {c.path for c in whole[-keep:]}
     oldest_kept = min((c.timesteps for c in whole[-keep:]), default=None)
     for ckpt in checkpoints:
@@ -222,21 +222,11 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, th.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple (sb3-contrib's RNNStates)
-        return type(value)(*(_to_cpu(v) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
 def to_device(value: Any, device: th.device) -> Any:
     """``value`` (tensors, possibly nested in tuples) moved to ``device``."""
     if isinstance(value, th.Tensor):
         return value.to(device)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple (sb3-contrib's RNNStates)
         return type(value)(*(to_device(v, device) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(to_device(v, device) for v in value)

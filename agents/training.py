@@ -54,6 +54,7 @@ from agents.callbacks import (
     SeededEvalCallback,
     StopForCheckpoint,
     TrainingDiverged,
+    is_divergence_error,
     nonfinite_parameter,
 )
 from agents.checkpoints import (
@@ -596,14 +597,20 @@ def _run(
     except TrainingInterrupted:
         raise
     except BaseException as err:  # a crash or divergence: the run directory says so, and the W&B run is closed
-        bad = nonfinite_parameter(model.policy) if not isinstance(err, TrainingDiverged) else None
-        if bad is not None:  # NaN weights inside an update make torch.distributions refuse the next minibatch
-            err = TrainingDiverged(model.num_timesteps, f"parameter {bad}")
-        meta.update(status="failed", error=f"{type(err).__name__}: {err}"[:500], failed_at=model.num_timesteps)
+        # NaN weights or outputs make torch.distributions refuse a minibatch or a rollout step: divergence too
+        diverged = None
+        if not isinstance(err, TrainingDiverged) and isinstance(err, Exception):
+            bad = nonfinite_parameter(model.policy)
+            if bad is not None:
+                diverged = TrainingDiverged(model.num_timesteps, f"parameter {bad}")
+            elif is_divergence_error(err):
+                diverged = TrainingDiverged(model.num_timesteps, "the policy's output")
+        shown = diverged or err
+        meta.update(status="failed", error=f"{type(shown).__name__}: {shown}"[:500], failed_at=model.num_timesteps)
         _write_json(run_dir / "run.json", meta)
         finish_wandb(1)
-        if bad is not None:
-            raise err from None
+        if diverged is not None:
+            raise diverged from None
         raise
     finally:
         env.close()

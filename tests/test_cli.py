@@ -312,3 +312,17 @@ def test_a_run_in_use_is_neither_resumed_nor_overwritten(trained_run, tmp_path, 
             err = capsys.readouterr().err
             assert exit_info.value.code == 2 and f"run directory {run} is in use by pid {os.getpid()}" in err
         assert snapshot(tmp_path) == before
+
+
+def test_a_diverging_run_stops_with_one_line_and_writes_no_bad_checkpoint(tmp_path, capsys):
+    # an absurd learning rate: the first update leaves finite weights whose outputs overflow to NaN
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--env", "CartPoleNoVel-v1", "--policy", "lstm", "--run-dir", str(run), "--wandb", "disabled",
+              *TINY, "--set", "ppo.learning_rate=1e30", "--set", "ppo.max_grad_norm=1e30",
+              "--set", "checkpoint.every_steps=64"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "training diverged at step 64: the policy's output on the current observations is not finite" in err
+    assert not (run / "checkpoints").exists()
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
