@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -175,7 +176,7 @@ def _resume(args: argparse.Namespace) -> int:
     return _training(lambda: resume(run_dir, device=args.device, progress_bar=not args.no_progress), run_dir)
 
 
-def _training(run: Any, run_dir: Path) -> int:
+def _training(run: Callable[[], Any], run_dir: Path) -> int:
     """Run ``train``/``resume`` and turn its outcome into output lines and an exit code."""
     from agents.training import RunRejected, TrainingDiverged, TrainingInterrupted
 
