@@ -172,3 +172,21 @@ def test_a_non_finite_loss_is_caught_before_the_next_checkpoint():
         callback.on_rollout_start()
     assert saved == [64]
     env.close()
+
+
+def test_reward_normaliser_statistics_are_restored():
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    def make():
+        return VecNormalize(make_env("CartPoleNoVel-v1", n_envs=2, seed=0), norm_obs=False, norm_reward=True)
+
+    first = make()
+    first.reset()
+    for _ in range(50):
+        first.step(np.array([0, 1]))
+    second = make()
+    assert restore_env(second, capture_env(first))
+    assert second.ret_rms.count == first.ret_rms.count and np.array_equal(second.ret_rms.var, first.ret_rms.var)
+    assert np.array_equal(second.returns, first.returns)
+    for _ in range(20):
+        assert np.array_equal(first.step(np.array([1, 0]))[1], second.step(np.array([1, 0]))[1])
