@@ -5,11 +5,13 @@
     python scripts/fault_campaign.py --env PongNoFrameskip-v4 --kills 6   # native ALE: episodes restart on resume
 
 A reference run trains uninterrupted. Then, for each trial, the same command starts and is hit by SIGKILL, SIGTERM
-or SIGINT at a random time (up to three times per trial, resumes included), and ``rims-rl train --resume`` brings it
-to the end. Each trial reports: the signals, the env step the run resumed from each time, the updates that had been
-logged after the last checkpoint (done again after the resume: the work lost), whether the metrics file has exactly
-one row per update, and whether the metrics equal the reference run's (expected on CPU when the env state is saved;
-for the native Atari env, episodes in progress restart, so only the bookkeeping is checked).
+or SIGINT at a random moment (up to three times per trial, resumes included): after a random number of logged
+updates (0: during start-up or the first rollout) plus a random fraction of an update's time. ``rims-rl train
+--resume`` then brings it to the end. Each trial reports: the signals, the env step the run resumed from each time,
+the updates that had been logged after the last checkpoint (done again after the resume: the work lost), whether
+the metrics file has exactly one row per update, and whether the metrics equal the reference run's (expected on
+CPU when the env state is saved; for the native Atari env, episodes in progress restart, so only the bookkeeping
+is checked).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def run_env() -> dict[str, str]:
     return dict(os.environ, WANDB_SILENT="true")
 
 
-def trial(n: int, args: argparse.Namespace, root: Path, reference: list[dict[str, str]], duration: float) -> dict:
+def trial(n: int, args: argparse.Namespace, root: Path, reference: list[dict[str, str]], update_time: float) -> dict:
     rng = random.Random(args.seed * 1000 + n)
     run_dir = root / f"trial{n}"
     kills = rng.randint(1, 3)
@@ -80,7 +82,10 @@ def trial(n: int, args: argparse.Namespace, root: Path, reference: list[dict[str
         logged_before = logged_steps(run_dir)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env())
         if k < kills:
-            time.sleep(rng.uniform(0.1, 1.0) * duration)
+            target = rng.randint(0, len(reference) - 1)  # updates logged in this run before the signal
+            while proc.poll() is None and len(logged_steps(run_dir)) < target:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 1.0) * update_time)
             if proc.poll() is None:
                 name = rng.choice(list(SIGNALS))
                 proc.send_signal(SIGNALS[name])
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'trial':>5}  {'signals':28} {'resumed from':22} {'redone':>6}  {'finished':8} {'rows ok':7} exact")
     records = []
     for n in range(args.kills):
-        r = trial(n, args, root, reference, duration)
+        r = trial(n, args, root, reference, duration / len(reference))
         records.append(r)
         print(f"{n:>5}  {','.join(r['signals']) or '-':28} {','.join(map(str, r['resumed_from'])) or '-':22} "
               f"{r['redone_updates']:>6}  {r['finished']!s:8} {r['one_row_per_update']!s:7} {r['exact']}"
