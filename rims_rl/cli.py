@@ -4,6 +4,7 @@
     rims-rl train --env DemonAttackNoFrameskip-v4 --policy lstm --device cuda   # any Atari game: configs/atari.yaml
     rims-rl train --resume runs/CartPoleNoVel-v1/rims-ppo-s0-...   # continue a stopped run from its last checkpoint
     rims-rl evaluate runs/CartPoleNoVel-v1/rims-ppo-s0-...   # full episodes with the final model
+    rims-rl compare runs/CartPoleNoVel-v1 --out reports/cartpole   # RIM vs LSTM curves over seeds, score table
     rims-rl envs                                              # the env families and ids the project provides
     rims-rl config --env CartPoleNoVel-v1                     # the resolved configuration, every key documented
 
@@ -264,6 +265,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from agents.reports import compare, find_runs
+
+    missing = [p for p in args.runs if not Path(p).exists()]
+    if missing:
+        raise UsageError(f"{missing[0]} does not exist (give run directories or folders holding them)")
+    runs = find_runs(args.runs)
+    if not runs:
+        raise UsageError(f"no run directories (config.yaml + progress.csv) in {' '.join(map(str, args.runs))}")
+    try:
+        summaries, files, skipped = compare(runs, Path(args.out), metric=args.metric)
+    except ValueError as err:
+        raise UsageError(f"{err} (choose another --metric, e.g. rollout/ep_rew_mean or eval/mean_reward)") from None
+    for run_dir in skipped:
+        print(f"rims-rl: warning: {run_dir} has no '{args.metric}': left out", file=sys.stderr)
+    print(Path(args.out, "summary.md").read_text(), end="")
+    print(f"{len(runs) - len(skipped)} runs in {len(summaries)} groups -> " + ", ".join(map(str, files)))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_envs(args: argparse.Namespace) -> int:
     from envs import FAMILIES
@@ -337,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "compare", help="learning curves and scores of runs, grouped by env and policy (local files only)",
+        description="Compare runs: learning curves (mean and 95%% bootstrap band over seeds) and a score table.",
+    )  # fmt: skip
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
+    p.add_argument("--out", default="runs/compare", help="where to write the PNG and tables (default runs/compare)")
+    p.add_argument(
+        "--metric", default="rollout/ep_rew_mean", help="a progress.csv column (default rollout/ep_rew_mean)"
+    )
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("envs", help="list the env families and ids", description="List env families and ids.")
     p.add_argument("--family", help="only this family")
