@@ -476,7 +476,7 @@ def _run(
         entity=cfg.wandb.entity,
         group=cfg.wandb.group or cfg.env,
         job_type=cfg.policy,
-        tags=[cfg.policy, cfg.algo, *cfg.wandb.tags],
+        tags=[cfg.policy, cfg.algo, *cfg.ablations, *cfg.wandb.tags],
         name=run_dir.name,
         run_id=wandb_id,
     )

@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from rims_rl.config import CONFIG_DIR, ConfigError, TrainConfig, describe_fields, resolve_config
+from rims_rl.config import ABLATIONS, CONFIG_DIR, ConfigError, TrainConfig, describe_fields, resolve_config
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -84,16 +84,18 @@ def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
         ("seed", "seed"),
         ("device", "device"),
         ("wandb", "wandb.mode"),
+        ("ablation", "ablations"),
     ):
         value = getattr(args, name, None)
         if value is not None:
-            flags[key] = value
+            flags[key] = sorted(set(value)) if name == "ablation" else value
     return flags
 
 
 def _default_run_dir(cfg: TrainConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / cfg.env / f"{cfg.policy}-{cfg.algo}-s{cfg.seed}-{stamp}"
+    variant = "".join(f"-{a}" for a in cfg.ablations)
+    return Path("runs") / cfg.env / f"{cfg.policy}{variant}-{cfg.algo}-s{cfg.seed}-{stamp}"
 
 
 def _check_device(device: str) -> None:
@@ -250,11 +252,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load the model {model_file}: {first}") from None
     seed = args.seed if args.seed is not None else cfg.seed + EVAL_SEED_OFFSET
-    result = evaluate(
-        model, env_id, episodes=episodes, deterministic=deterministic, seed=seed,
-        efference_copy=cfg.efference_copy, atari=atari_settings(cfg),
-    )  # fmt: skip
-    record = {"model": str(model_file), "seed": seed, **result.to_dict()}
+    dropped = tuple(sorted(set(args.drop_unit or ())))
+    rim = getattr(model.policy, "lstm_actor", None)
+    if dropped:
+        from rims_rl.rim import RIM
+
+        if not isinstance(rim, RIM):
+            raise UsageError(f"--drop-unit needs a RIM policy; {run_dir} trained a {cfg.policy} policy")
+        if any(not 0 <= j < rim.num_units for j in dropped):
+            raise UsageError(f"--drop-unit takes unit indices in [0, {rim.num_units - 1}], got {list(dropped)}")
+
+    def run() -> Any:
+        return evaluate(
+            model, env_id, episodes=episodes, deterministic=deterministic, seed=seed,
+            efference_copy=cfg.efference_copy, atari=atari_settings(cfg),
+        )  # fmt: skip
+
+    result = run()
+    record: dict[str, Any] = {"model": str(model_file), "seed": seed, **result.to_dict()}
+    if dropped:  # the same episodes (seeds) without the dropped units, beside the intact policy's
+        rim.dropped_units = dropped
+        ablated = run()
+        rim.dropped_units = ()
+        record["dropped_units"] = list(dropped)
+        record["with_dropped_units"] = ablated.to_dict()
     with open(run_dir / "evaluations.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     if args.json:
@@ -262,6 +283,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"model: {model_file}")
         print(result.summary())
+        if dropped:
+            units = ", ".join(map(str, dropped))
+            print(f"without unit{'s' if len(dropped) > 1 else ''} {units}: {ablated.summary()} "
+                  f"(change {ablated.mean_return - result.mean_return:+.2f})")  # fmt: skip
     return 0
 
 
@@ -323,6 +348,10 @@ def _add_config_args(p: argparse.ArgumentParser, env_default: str | None) -> Non
     p.add_argument("--device", help="auto (GPU if there is one), cpu, cuda or cuda:N")
     p.add_argument("--wandb", choices=["offline", "online", "disabled"], help="W&B mode (default offline)")
     p.add_argument(
+        "--ablation", action="append", choices=list(ABLATIONS), metavar="NAME",
+        help="RIM ablation preset (repeatable): " + "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()),
+    )  # fmt: skip
+    p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override any config key, e.g. --set rim.k_active=5 --set ppo.learning_rate=1e-3 (repeatable)",
     )  # fmt: skip
@@ -356,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--seed", type=int, help="env seed (default: the run's seed + 10000, disjoint from training)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--drop-unit", type=int, action="append", metavar="J",
+        help="RIM ablation: also evaluate with unit J removed (never active, state zero); repeatable",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(func=cmd_evaluate)
 

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "ABLATIONS",
     "CONFIG_DIR",
     "AtariConfig",
     "CheckpointConfig",
@@ -172,6 +173,17 @@ class WandbConfig(_Section):
     tags: list[str] = Field(default_factory=list, description="extra W&B tags")
 
 
+ABLATIONS: dict[str, str] = {
+    "no_input_attention": "rim.input_attention=false: every unit reads the input, all units active",
+    "no_communication": "rim.communication=false: units do not read each other",
+    "all_active": "rim.k_active=rim.num_units: no competition, every unit updates at every step",
+    "one_head": "rim.input_heads=1 and rim.comm_heads=1: single-head input and communication attention",
+}
+"""The paper's ablations (§4.4, App. C.11, C.13) as presets: ``ablations: [...]`` or ``--ablation NAME``."""
+
+Ablation = Literal["no_input_attention", "no_communication", "all_active", "one_head"]
+
+
 class TrainConfig(_Section):
     """Everything one training run needs; the resolved tree is saved as ``config.yaml`` in the run directory."""
 
@@ -183,6 +195,9 @@ class TrainConfig(_Section):
     vec_env: Literal["auto", "ale", "dummy", "subproc"] = Field(
         "auto",
         description="auto: ale for Atari, else dummy; ale: ale-py's native vector env; dummy/subproc: SB3's VecEnvs",
+    )
+    ablations: list[Ablation] = Field(
+        default_factory=list, description="RIM ablation presets applied to rim.* (" + ", ".join(ABLATIONS) + ")"
     )
     efference_copy: bool = Field(
         False, description="join the previous action and reward to the observation (paper App. C.3), both cores"
@@ -200,6 +215,22 @@ class TrainConfig(_Section):
     atari: AtariConfig = Field(default_factory=AtariConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _apply_ablations(self) -> TrainConfig:
+        if self.ablations and self.policy != "rims":
+            raise ValueError(f"ablations {self.ablations} apply to the RIM policy, not policy={self.policy!r}")
+        rim = self.rim
+        for name in self.ablations:  # idempotent: a resolved config.yaml validates to itself
+            if name == "no_input_attention":
+                rim.input_attention = False
+            elif name == "no_communication":
+                rim.communication = False
+            elif name == "all_active":
+                rim.k_active = rim.num_units
+            elif name == "one_head":
+                rim.input_heads = rim.comm_heads = 1
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -180,6 +180,9 @@ class RIM(nn.Module):
         self.dropout = float(dropout)
         self.input_attention = bool(input_attention)
         self.communication = bool(communication)
+        self.dropped_units: tuple[int, ...] = ()
+        """Units removed at test time (ablation, §4.4): never active, state held at zero. Set it directly (indices
+        in ``[0, num_units)``); only runs without gradient (``torch.no_grad()``), e.g. in evaluation."""
         # nn.LSTM-compatible sizes (sb3-contrib sizes its state buffers from these).
         self.hidden_size = num_units * unit_size
         self.num_layers = 1
@@ -251,6 +254,8 @@ class RIM(nn.Module):
             s += ", input_attention=False"
         if not self.communication:
             s += ", communication=False"
+        if self.dropped_units:
+            s += f", dropped_units={self.dropped_units}"
         return s
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
@@ -312,10 +317,16 @@ class RIM(nn.Module):
                 keys = keys.view(L, B, N, Hi, dk).permute(0, 1, 3, 4, 2)  # (L, B, Hi, dk, N)
                 values = values.view(L, B, N, Hi, dv).transpose(2, 3)  # (L, B, Hi, N, dv)
 
+        dropped = tuple(sorted(set(self.dropped_units)))
+        if dropped:
+            if any(not 0 <= j < K for j in dropped):
+                raise ValueError(f"dropped_units must be unit indices in [0, {K}), got {self.dropped_units}")
+            if torch.is_grad_enabled():
+                raise ValueError("dropped_units is a test-time ablation: run the RIM under torch.no_grad()")
         cfg = _LoopConfig(
             mode=mode, cell=self.cell, k_active=self.k_active, dropout=self.dropout if self.training else 0.0,
             heads=Hi, key_size=dk, comm_heads=self.comm_heads, comm_key_size=self.comm_key_size,
-            comm_value_size=self.comm_value_size, communication=self.communication,
+            comm_value_size=self.comm_value_size, communication=self.communication, dropped=dropped,
         )  # fmt: skip
         weights = (
             self.query_weight, self.query_bias, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh,
@@ -354,6 +365,7 @@ class _LoopConfig(NamedTuple):
     comm_key_size: int
     comm_value_size: int
     communication: bool
+    dropped: tuple[int, ...] = ()  # test-time ablation (no-grad path only): never active, state zero
 
 
 def _dropout_mask(like: Tensor, p: float) -> Tensor:
@@ -387,6 +399,13 @@ def _run_loop(
     reset_steps = (keep != 1).flatten(1).any(1).tolist() if keep is not None else [False] * L
     all_active = torch.ones(K, B, dtype=torch.bool, device=h.device)
     no_winner = torch.zeros(K, B, dtype=torch.bool, device=h.device)
+    alive = None
+    if cfg.dropped:
+        alive = torch.ones(K, 1, 1, dtype=h.dtype, device=h.device)
+        alive[list(cfg.dropped)] = 0.0
+        all_active = all_active & (alive[..., 0] > 0)
+        h = h * alive
+        c = c * alive if c is not None else None
     outputs, masks, attentions = [], [], []
     for t in range(L):
         rec: dict[str, Any] = {}
@@ -434,8 +453,10 @@ def _run_loop(
             if cfg.k_active == K:
                 active = all_active
             else:  # the k_A units with the least attention on the null element
+                if alive is not None:  # dropped units never win (the others may fill their place)
+                    on_input = on_input.masked_fill(alive[..., 0] == 0, -math.inf)
                 winners = torch.topk(on_input, cfg.k_active, dim=0).indices  # (k_A, B)
-                active = no_winner.scatter(0, winners, True)
+                active = no_winner.scatter(0, winners, True) & all_active
         m = active.unsqueeze(-1)
         rec["m"] = m
 

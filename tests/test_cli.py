@@ -326,3 +326,29 @@ def test_a_diverging_run_stops_with_one_line_and_writes_no_bad_checkpoint(tmp_pa
     assert "training diverged at step 64: the policy's output on the current observations is not finite" in err
     assert not (run / "checkpoints").exists()
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
+
+
+def test_evaluate_with_dropped_units_reports_both_scores(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["evaluate", str(run), "--episodes", "2", "--drop-unit", "2", "--drop-unit", "0", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["dropped_units"] == [0, 2] and record["with_dropped_units"]["episodes"] == 2
+    assert main(["evaluate", str(run), "--episodes", "1", "--drop-unit", "1"]) == 0
+    assert "without unit 1: CartPoleNoVel-v1: mean return" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(run), "--drop-unit", "6"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--drop-unit takes unit indices in [0, 5], got [6]" in err
+
+
+def test_an_ablation_preset_trains_the_ablated_rim(tmp_path):
+    from agents.ppo import RecurrentPPO
+
+    run = tmp_path / "run"
+    assert main(["train", "--env", "CartPoleNoVel-v1", "--ablation", "no_communication", "--ablation", "all_active",
+                 "--run-dir", str(run), "--wandb", "disabled", *TINY]) == 0  # fmt: skip
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["ablations"] == ["all_active", "no_communication"] and config["rim"]["communication"] is False
+    rim = RecurrentPPO.load(run / "model.zip").policy.lstm_actor
+    assert rim.communication is False and rim.k_active == rim.num_units == 6

@@ -94,3 +94,22 @@ def test_every_key_is_documented():
     rows = describe_fields()
     assert [key for key, _, _ in rows] == flat_keys()
     assert all(help_text for _, _, help_text in rows)
+
+
+@pytest.mark.parametrize(
+    "ablation, expected",
+    [("no_input_attention", {"input_attention": False}), ("no_communication", {"communication": False}),
+     ("all_active", {"k_active": 6}), ("one_head", {"input_heads": 1, "comm_heads": 1})],
+)  # fmt: skip
+def test_ablation_presets_set_the_rim_and_survive_a_round_trip(ablation, expected):
+    cfg = resolve_config("CartPoleNoVel-v1", CLASSIC, flags={"ablations": [ablation]})
+    assert {key: getattr(cfg.rim, key) for key in expected} == expected
+    again = TrainConfig.model_validate(yaml.safe_load(yaml.safe_dump(cfg.model_dump())))
+    assert again == cfg  # a run's config.yaml resolves to itself (resume compares them)
+
+
+def test_ablations_are_for_the_rim_policy_only():
+    with pytest.raises(ConfigError, match=r"ablations \['one_head'\] apply to the RIM policy"):
+        resolve_config("CartPoleNoVel-v1", CLASSIC, flags={"policy": "lstm", "ablations": ["one_head"]})
+    with pytest.raises(ConfigError, match="ablations"):
+        resolve_config("CartPoleNoVel-v1", CLASSIC, overrides=["ablations=[no_memory]"])

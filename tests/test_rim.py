@@ -291,3 +291,26 @@ def test_backward_through_time_with_dropout_passes_gradcheck(cell, n_elements):
         return out, h, c
 
     assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("input_attention", [True, False])
+def test_a_dropped_unit_is_never_active_and_its_state_stays_zero(input_attention):
+    torch.manual_seed(0)
+    rim = RIM(8, num_units=5, unit_size=6, k_active=3, input_attention=input_attention, dropout=0.0).eval()
+    x = torch.randn(7, 4, 8)
+    state = tuple(torch.randn(4, 30) for _ in range(2))  # a live state: the dropped unit's part is zeroed
+    with torch.no_grad():
+        intact, _, intact_info = rim(x, state)
+        rim.dropped_units = (1, 3)
+        out, (h, _), info = rim(x, state)
+    mask = info.activation_mask
+    assert not mask[..., [1, 3]].any()
+    assert (mask.sum(-1) == 3).all()  # the 3 units left are all active (k_A = 3), with or without input attention
+    units = out.view(7, 4, 5, 6)
+    assert (units[:, :, [1, 3]] == 0).all() and (h.view(4, 5, 6)[:, [1, 3]] == 0).all()
+    assert not torch.equal(out, intact) and intact_info.activation_mask[..., [1, 3]].any()
+    with pytest.raises(ValueError, match=r"torch\.no_grad"):
+        rim(x, state)
+    rim.dropped_units = (5,)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"dropped_units must be unit indices in \[0, 5\)"):
+        rim(x, state)
