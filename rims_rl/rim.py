@@ -456,7 +456,9 @@ def _run_loop(
                 if alive is not None:  # dropped units never win (the others may fill their place)
                     on_input = on_input.masked_fill(alive[..., 0] == 0, -math.inf)
                 winners = torch.topk(on_input, cfg.k_active, dim=0).indices  # (k_A, B)
-                active = no_winner.scatter(0, winners, True) & all_active
+                active = no_winner.scatter(0, winners, True)
+                if alive is not None:  # fewer units left than k_A: the dropped ones still stay inactive
+                    active = active & all_active
         m = active.unsqueeze(-1)
         rec["m"] = m
 
