@@ -13,6 +13,7 @@ A run directory holds everything a report needs, with no network:
 ``model.zip``          the final model (``RecurrentPPO.load``)
 ``eval.json``          the final evaluation on env seeds disjoint from training
 ``wandb/``             the W&B run (offline unless ``wandb.mode: online``)
+``activations/``       every step's RIM masks every ``activations.save_every`` rollouts (``read_activations``)
 ``.lock``              held while a process trains into the directory
 =====================  ===============================================================================
 
@@ -36,6 +37,7 @@ from typing import Any
 import gymnasium as gym
 import yaml
 from gymnasium import spaces
+from pydantic import ValidationError
 from stable_baselines3.common.callbacks import (
     BaseCallback,
     CallbackList,
@@ -75,7 +77,7 @@ from agents.ppo import RecurrentPPO
 from envs import AtariSettings, make_env
 from rims_rl import __version__
 from rims_rl.config import TrainConfig
-from rims_rl.tracking import RIMActivationCallback, WandbOutputFormat, start_wandb
+from rims_rl.tracking import ACTIVATIONS_DIR, RIMActivationCallback, WandbOutputFormat, start_wandb
 
 __all__ = [
     "ConfigRejected",
@@ -405,7 +407,11 @@ def resume(
         state = ckpt.load_state()
     except Exception as err:
         raise RunRejected(f"cannot read {ckpt.state_file}: {type(err).__name__}: {err}"[:300]) from None
-    changed = _first_difference(cfg.model_dump(), state.get("config"))
+    try:  # the saved config through this version's schema: keys added since (with their defaults) are no edit
+        saved = TrainConfig.model_validate(state.get("config")).model_dump()
+    except ValidationError:
+        saved = state.get("config")
+    changed = _first_difference(cfg.model_dump(), saved)
     if changed:
         raise RunRejected(
             f"{run_dir / 'config.yaml'} differs from the config its checkpoints were made with ({changed}): "
@@ -520,8 +526,16 @@ def _run(
         stop=stop,
     )
     cb.append(checkpointer)
-    if cfg.policy == "rims":
-        cb.append(RIMActivationCallback())
+    if cfg.policy == "rims" and cfg.activations.record:  # before evaluation, which runs the policy on other envs
+        cb.append(
+            RIMActivationCallback(
+                heatmap_every=cfg.activations.heatmap_every if wandb_run is not None else 0,
+                heatmap_env=cfg.activations.heatmap_env,
+                save_every=cfg.activations.save_every,
+                save_dir=run_dir / ACTIVATIONS_DIR,
+                keep_until=resumed_from,
+            )
+        )
     eval_env = None
     if cfg.eval.freq > 0:
         eval_seed = cfg.seed + EVAL_SEED_OFFSET

@@ -290,6 +290,58 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_activations(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    cfg, model_file = _load_run(run_dir)
+    if cfg.policy != "rims":
+        raise UsageError(f"activations need a RIM policy; {run_dir} trained a {cfg.policy} policy")
+    env_id = args.env or cfg.env
+    from envs import check_env_id
+
+    check_env_id(env_id)
+    if args.episodes < 1:
+        raise UsageError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.max_frames < 0:
+        raise UsageError(f"--max-frames must be >= 0, got {args.max_frames}")
+    _check_device(args.device)
+
+    from agents.activations import play_episodes, write_episode, write_summary
+    from agents.evaluation import EVAL_SEED_OFFSET
+    from agents.ppo import RecurrentPPO
+    from agents.training import atari_settings
+
+    try:
+        model = RecurrentPPO.load(model_file, device=args.device)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load the model {model_file}: {first}") from None
+    seed = args.seed if args.seed is not None else cfg.seed + EVAL_SEED_OFFSET
+    deterministic = args.deterministic if args.deterministic is not None else cfg.eval.deterministic
+    episodes = play_episodes(
+        model, env_id, args.episodes, seed=seed, deterministic=deterministic,
+        efference_copy=cfg.efference_copy, atari=atari_settings(cfg), max_frames=args.max_frames,
+    )  # fmt: skip
+    out = Path(args.out) if args.out else run_dir / "analysis" / env_id.replace("/", "_")
+    written: list[Path] = []
+    for i, ep in enumerate(episodes):
+        written += write_episode(ep, out, i, env_id)
+        summary = ep.summary()
+        rates = " ".join(f"{r:.2f}" for r in summary["activation_rate"])
+        print(f"episode {i}: return {summary['return']:g}, {summary['length']} steps, "
+              f"unit activation rates [{rates}], winner changes {summary['winner_change_rate']:.2f}/step")  # fmt: skip
+    meta = {"run_dir": str(run_dir), "model": str(model_file), "env": env_id, "seed": seed,
+            "deterministic": deterministic}  # fmt: skip
+    written += write_summary(episodes, out, meta)
+    mode = args.wandb or cfg.wandb.mode
+    if mode != "disabled":
+        from rims_rl.tracking import log_activation_files
+
+        if log_activation_files(written, cfg, run_dir, mode=mode, env_id=env_id) is None:
+            print("rims-rl: warning: W&B did not start; the files are in the run directory only", file=sys.stderr)
+    print(f"wrote {len(written)} files to {out}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from agents.reports import compare, find_runs
 
@@ -402,6 +454,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric", default="rollout/ep_rew_mean", help="a progress.csv column (default rollout/ep_rew_mean)"
     )
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "activations",
+        help="play episodes with a RIM agent and draw its unit activations",
+        description="Play episodes with a trained RIM policy; write activation heatmaps (and GIFs for image envs).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by rims-rl train (RIM policy)")
+    p.add_argument("--episodes", type=int, default=1, metavar="N", help="episodes to play (default 1)")
+    p.add_argument("--env", help="env id to play (default: the run's)")
+    p.add_argument("--seed", type=int, help="env seed (default: the run's seed + 10000, disjoint from training)")
+    p.add_argument(
+        "--deterministic", action=argparse.BooleanOptionalAction, default=None,
+        help="greedy or sampled (--no-deterministic) actions (default: the run's eval.deterministic)",
+    )  # fmt: skip
+    p.add_argument("--max-frames", type=int, default=500, metavar="N", help="GIF frames per episode (default 500)")
+    p.add_argument("--out", help="output directory (default RUN_DIR/analysis/<env>)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--wandb", choices=["offline", "online", "disabled"], help="W&B mode (default: the run's)")
+    p.set_defaults(func=cmd_activations)
 
     p = sub.add_parser("envs", help="list the env families and ids", description="List env families and ids.")
     p.add_argument("--family", help="only this family")

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "ABLATIONS",
     "CONFIG_DIR",
+    "ActivationConfig",
     "AtariConfig",
     "CheckpointConfig",
     "ConfigError",
@@ -163,6 +164,19 @@ class CheckpointConfig(_Section):
     keep: int = Field(2, ge=1, description="keep the newest N checkpoints")
 
 
+class ActivationConfig(_Section):
+    """What is recorded of the RIM's per-step activations during training (RIM policies; no extra forward pass)."""
+
+    record: bool = Field(
+        True, description="per rollout: unit activation rates, null attention, winner-set change rate (rim/...)"
+    )
+    heatmap_every: int = Field(1, ge=0, description="a time x unit heatmap image to W&B every N rollouts (0: never)")
+    heatmap_env: int = Field(0, ge=0, description="the training env (index) whose steps the heatmap shows")
+    save_every: int = Field(
+        0, ge=0, description="save every step's masks to activations/*.npz every N rollouts (0: never)"
+    )
+
+
 class WandbConfig(_Section):
     """Weights & Biases logging (offline by default: a local run directory, no account)."""
 
@@ -214,6 +228,7 @@ class TrainConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     atari: AtariConfig = Field(default_factory=AtariConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    activations: ActivationConfig = Field(default_factory=ActivationConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @model_validator(mode="after")
@@ -230,6 +245,15 @@ class TrainConfig(_Section):
                 rim.k_active = rim.num_units
             elif name == "one_head":
                 rim.input_heads = rim.comm_heads = 1
+        return self
+
+    @model_validator(mode="after")
+    def _check_heatmap_env(self) -> TrainConfig:
+        if self.activations.heatmap_env >= self.n_envs:
+            raise ValueError(
+                f"activations.heatmap_env={self.activations.heatmap_env} is not one of the {self.n_envs} training "
+                f"envs (valid: 0..{self.n_envs - 1})"
+            )
         return self
 
     @model_validator(mode="before")

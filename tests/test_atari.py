@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch as th
 import yaml
@@ -172,6 +173,15 @@ def test_train_demon_attack_then_evaluate_a_full_game(policy, tmp_path):
     record = json.loads(proc.stdout)
     assert record["episodes"] == 1 and record["mean_return"] >= 0
     assert record["lengths"][0] > 100, "a whole game, not one life"
+    if policy == "rims":  # the activations of a whole game, with the frames the agent saw beside them
+        proc = run_cli("activations", str(run_dir), "--max-frames", "20", "--wandb", "disabled")
+        assert proc.returncode == 0, proc.stderr
+        out = run_dir / "analysis" / "DemonAttackNoFrameskip-v4"
+        summary = json.loads((out / "summary.json").read_text())["episodes"][0]
+        assert summary["length"] > 100 and len(summary["activation_rate"]) == 6
+        assert sum(summary["activation_rate"]) == pytest.approx(5)  # k_active = 5 of 6 at every step
+        with PIL.Image.open(out / "episode_000.gif") as gif:
+            assert gif.n_frames == 20 and gif.size[1] == 2 * 84 and gif.size[0] > 2 * 84
 
 
 def _suite():
