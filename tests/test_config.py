@@ -113,3 +113,22 @@ def test_ablations_are_for_the_rim_policy_only():
         resolve_config("CartPoleNoVel-v1", CLASSIC, flags={"policy": "lstm", "ablations": ["one_head"]})
     with pytest.raises(ConfigError, match="ablations"):
         resolve_config("CartPoleNoVel-v1", CLASSIC, overrides=["ablations=[no_memory]"])
+
+
+@pytest.mark.parametrize("sweep_file", sorted((CONFIG_DIR / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sweep_run_is_a_valid_train_command(sweep_file):
+    import itertools
+
+    from rims_rl.cli import _resolve, _train_flags, build_parser
+
+    sweep = yaml.safe_load(sweep_file.read_text())
+    assert sweep["method"] == "grid" and sweep["command"][1:3] == ["rims-rl", "train"]
+    fixed = [arg for arg in sweep["command"][3:] if not arg.startswith("${")]
+    params = sweep["parameters"]
+    assert params["policy"]["values"] == ["rims", "lstm"] and len(params["seed"]["values"]) >= 3
+    names = sorted(params)
+    for values in itertools.product(*(params[n]["values"] for n in names)):
+        argv = ["train", *fixed, *(f"--{n.replace('_', '-')}={v}" for n, v in zip(names, values, strict=True))]
+        args = build_parser().parse_args(argv)
+        cfg = _resolve(args, _train_flags(args))
+        assert (cfg.env, cfg.policy, cfg.seed, cfg.wandb.mode) == (args.env, args.policy, args.seed, "online")
