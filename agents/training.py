@@ -74,6 +74,7 @@ from agents.checkpoints import (
 )
 from agents.evaluation import EVAL_N_ENVS, EVAL_SEED_OFFSET, EvalResult, evaluate
 from agents.ppo import RecurrentPPO
+from agents.transfer import TransferError, freeze, load_source_weights
 from envs import AtariSettings, make_env
 from rims_rl import __version__
 from rims_rl.config import TrainConfig
@@ -286,6 +287,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
         env.close()
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigRejected(f"the model cannot be built with this configuration: {first}") from None
+    if cfg.transfer.source is not None:  # start from a trained run's weights (agents/transfer.py)
+        try:
+            load_source_weights(model, cfg.transfer.source)
+        except TransferError as err:
+            env.close()
+            raise ConfigRejected(str(err)) from None
+        freeze(model, cfg.transfer.mode)
     return Prepared(env, model)
 
 
@@ -434,6 +442,8 @@ def resume(
             env.close()
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RunRejected(f"cannot load {ckpt.model_file}: {first}") from None
+        if cfg.transfer.source is not None:  # checkpoints keep weights, not which of them train
+            freeze(model, cfg.transfer.mode)
         exact = restore_env(env, state["env"])
         if state.get("lstm_states") is not None:
             model._last_lstm_states = to_device(state["lstm_states"], model.device)
@@ -482,7 +492,13 @@ def _run(
         entity=cfg.wandb.entity,
         group=cfg.wandb.group or cfg.env,
         job_type=cfg.policy,
-        tags=[cfg.policy, cfg.algo, *cfg.ablations, *cfg.wandb.tags],
+        tags=[
+            cfg.policy,
+            cfg.algo,
+            *cfg.ablations,
+            *([cfg.transfer.mode] if cfg.transfer.source else []),
+            *cfg.wandb.tags,
+        ],
         name=run_dir.name,
         run_id=wandb_id,
     )

@@ -35,6 +35,7 @@ __all__ = [
     "PPOConfig",
     "RIMConfig",
     "TrainConfig",
+    "TransferConfig",
     "WandbConfig",
     "describe_fields",
     "flat_keys",
@@ -177,6 +178,16 @@ class ActivationConfig(_Section):
     )
 
 
+class TransferConfig(_Section):
+    """Start from a trained run's weights (``rims-rl transfer``; Rusu et al. 2016's fine-tuning baselines)."""
+
+    source: str | None = Field(None, description="run directory (or model .zip) whose weights the model starts from")
+    mode: Literal["finetune-all", "finetune-head", "frozen-features"] = Field(
+        "finetune-all",
+        description="what trains: everything / only the fresh output layers / all but the CNN (see agents/transfer.py)",
+    )
+
+
 class WandbConfig(_Section):
     """Weights & Biases logging (offline by default: a local run directory, no account)."""
 
@@ -229,6 +240,7 @@ class TrainConfig(_Section):
     atari: AtariConfig = Field(default_factory=AtariConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     activations: ActivationConfig = Field(default_factory=ActivationConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @model_validator(mode="after")
