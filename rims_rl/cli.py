@@ -5,6 +5,8 @@
     rims-rl train --resume runs/CartPoleNoVel-v1/rims-ppo-s0-...   # continue a stopped run from its last checkpoint
     rims-rl evaluate runs/CartPoleNoVel-v1/rims-ppo-s0-...   # full episodes with the final model
     rims-rl compare runs/CartPoleNoVel-v1 --out reports/cartpole   # RIM vs LSTM curves over seeds, score table
+    rims-rl activations runs/CartPoleNoVel-v1/rims-ppo-s0-...   # play episodes, draw which units were active
+    rims-rl transfer --protocol rusu2016 --policy rims --preset paper   # Atari transfer matrix (or one cell)
     rims-rl envs                                              # the env families and ids the project provides
     rims-rl config --env CartPoleNoVel-v1                     # the resolved configuration, every key documented
 
