@@ -169,3 +169,14 @@ def test_activations_command_refuses_an_lstm_run(tmp_path, capsys):
         capsys.readouterr().err.strip()
         == f"rims-rl: error: activations need a RIM policy; {run_dir} trained a lstm policy"
     )
+
+
+def test_activations_command_logs_its_figures_to_wandb(run, tmp_path):
+    run_dir, _ = run
+    before = set((run_dir / "wandb").glob("offline-run-*"))
+    out = tmp_path / "analysis"
+    assert main(["activations", str(run_dir), "--out", str(out), "--wandb", "offline"]) == 0
+    (new,) = set((run_dir / "wandb").glob("offline-run-*")) - before
+    (row,) = read_wandb_history(new)
+    image = row["activations/episode_000"]
+    assert image["_type"] == "image-file" and (new / "files" / image["path"]).is_file()

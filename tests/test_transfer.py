@@ -207,3 +207,23 @@ def test_bad_transfer_input_gets_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "t").exists()
+
+
+def test_a_cells_runs_are_reused_when_finished_resumed_when_interrupted_and_never_overwritten(tmp_path):
+    import signal
+
+    from agents.training import TrainingInterrupted, train
+    from agents.transfer_suite import TransferRejected, TransferSettings, ensure_run
+    from tests.test_training import SignalAt, tiny_config
+
+    cfg, run_dir = tiny_config(), tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, run_dir, callbacks=[SignalAt(signal.SIGINT, step=64)])
+    settings = TransferSettings(root=tmp_path, policy=cfg.policy)
+    assert ensure_run(cfg, run_dir, settings) == "resumed"
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "finished" and meta["timesteps"] == cfg.total_timesteps and len(meta["resumes"]) == 1
+    assert ensure_run(cfg, run_dir, settings) == "reused"
+    other = cfg.model_copy(update={"seed": cfg.seed + 1})
+    with pytest.raises(TransferRejected, match="holds a run with another config"):
+        ensure_run(other, run_dir, settings)
