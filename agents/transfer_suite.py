@@ -411,18 +411,20 @@ def write_matrix(
     md_path = out_dir / "matrix.md"
     md_path.write_text("\n".join(lines) + "\n")
 
-    fig, ax = plt.subplots(figsize=(2.0 + 1.3 * (len(src_names) + 1), 1.2 + 0.45 * len(tgt_names)))
+    fig, ax = plt.subplots(figsize=(3.5 + 1.3 * (len(src_names) + 1), 1.5 + 0.45 * len(tgt_names)))
     shown = np.column_stack([grid, per_target])
     finite = shown[np.isfinite(shown)]
     span = max(float(np.abs(finite - 100).max()) if finite.size else 50.0, 1.0)
     image = ax.imshow(shown, cmap="RdBu", norm=TwoSlopeNorm(100.0, 100.0 - span, 100.0 + span), aspect="auto")
     for (i, j), v in np.ndenumerate(shown):
-        ax.text(j, i, f"{v:.0f}" if math.isfinite(v) else "n/a", ha="center", va="center", fontsize=8)
+        dark = math.isfinite(v) and abs(v - 100.0) > 0.6 * span
+        ax.text(j, i, f"{v:.0f}" if math.isfinite(v) else "n/a", ha="center", va="center", fontsize=8,
+                color="white" if dark else "black")  # fmt: skip
     ax.set_xticks(range(len(src_names) + 1), [*src_names, "mean"])
     ax.set_yticks(range(len(tgt_names)), tgt_names)
     ax.set_xlabel("source game")
     ax.set_ylabel("target game")
-    fig.colorbar(image, ax=ax, label="transfer score (%), 100 = no gain")
+    fig.colorbar(image, ax=ax, label="transfer score (%)\n100 = no gain; white: n/a")
     policy = cells[0].policy if cells else ""
     ax.set_title(f"{policy}: positive transfer on {tc['positive']} of {tc['total']} targets", fontsize=10)
     fig.tight_layout()
