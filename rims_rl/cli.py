@@ -231,6 +231,16 @@ def _load_run(run_dir: Path) -> tuple[TrainConfig, Path]:
     return cfg, model_file
 
 
+def _load_model(model_file: Path, device: str) -> Any:
+    from agents.ppo import RecurrentPPO
+
+    try:
+        return RecurrentPPO.load(model_file, device=device)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load the model {model_file}: {first}") from None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg, model_file = _load_run(run_dir)
@@ -245,14 +255,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_device(args.device)
 
     from agents.evaluation import EVAL_SEED_OFFSET, evaluate
-    from agents.ppo import RecurrentPPO
     from agents.training import atari_settings
 
-    try:
-        model = RecurrentPPO.load(model_file, device=args.device)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load the model {model_file}: {first}") from None
+    model = _load_model(model_file, args.device)
     seed = args.seed if args.seed is not None else cfg.seed + EVAL_SEED_OFFSET
     dropped = tuple(sorted(set(args.drop_unit or ())))
     rim = getattr(model.policy, "lstm_actor", None)
@@ -309,14 +314,9 @@ def cmd_activations(args: argparse.Namespace) -> int:
 
     from agents.activations import play_episodes, write_episode, write_summary
     from agents.evaluation import EVAL_SEED_OFFSET
-    from agents.ppo import RecurrentPPO
     from agents.training import atari_settings
 
-    try:
-        model = RecurrentPPO.load(model_file, device=args.device)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load the model {model_file}: {first}") from None
+    model = _load_model(model_file, args.device)
     seed = args.seed if args.seed is not None else cfg.seed + EVAL_SEED_OFFSET
     deterministic = args.deterministic if args.deterministic is not None else cfg.eval.deterministic
     episodes = play_episodes(
@@ -385,7 +385,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         wandb_mode=args.wandb, baseline=args.baseline, random_episodes=args.random_episodes,
         progress_bar=not args.no_progress,
     )  # fmt: skip
-    from agents.training import TrainingInterrupted
+    from agents.training import ConfigRejected, TrainingDiverged, TrainingInterrupted
 
     try:
         settings.config(game_id("Pong"), seeds[0], total)  # a bad --set fails here, before anything runs
@@ -419,8 +419,11 @@ def cmd_transfer(args: argparse.Namespace) -> int:
             raise UsageError(f"--source and --target are the same game ({game_name(source)})")
         run_cell(settings, source, target, source_run=source_run)
         return 0
-    except TransferRejected as err:
+    except (TransferRejected, ConfigRejected) as err:
         raise UsageError(str(err)) from None
+    except TrainingDiverged as err:
+        raise UsageError(f"{err} (its run directory keeps the last good checkpoint; try a lower --set "
+                         "ppo.learning_rate=...)") from None  # fmt: skip
     except TrainingInterrupted as stop:
         print(f"rims-rl: {stop}; run the same command again to continue (finished runs and cells are skipped)",
               file=sys.stderr)  # fmt: skip

@@ -261,7 +261,6 @@ class RIMActivationCallback(BaseCallback):
         self.heatmap_env = heatmap_env
         self.save_every = save_every
         self.save_dir = Path(save_dir) if save_dir is not None else None
-        self.rollouts = 0
         self._start_step = 0
         self._masks: list[th.Tensor] = []
         self._null: list[th.Tensor] = []
@@ -291,8 +290,13 @@ class RIMActivationCallback(BaseCallback):
         masks = th.stack(self._masks)  # (T, n_envs, K)
         null = th.stack(self._null)
         starts = th.stack(self._starts).reshape(masks.shape[:2]) > 0.5
-        self.rollouts += 1
         self.on_rollout_masks(masks, null, starts)
+
+    @property
+    def rollouts(self) -> int:
+        """The number of the rollout in progress or just collected (1, 2, ...), from the env step where it began, so
+        the ``*_every`` cadence continues across a resume."""
+        return self._start_step // (self.model.n_steps * self.model.n_envs) + 1
 
     def on_rollout_masks(self, masks: th.Tensor, null_attention: th.Tensor, episode_start: th.Tensor) -> None:
         """Record one rollout: ``masks`` ``(T, n_envs, K)`` bool, ``null_attention`` the same shape, float,
