@@ -120,12 +120,9 @@ def play_episodes(
                 info = policy.rim_info
                 masks.append(info.activation_mask[-1, 0].cpu().numpy())
                 nulls.append(info.input_attention[-1, 0, :, 0].cpu().numpy())
-                obs, reward, dones, infos = env.step(action)
-                episode = infos[0].get("episode")  # Monitor's unclipped score, when the env has one
+                obs, reward, dones, _ = env.step(action)  # Atari: whole games, unclipped rewards (full_games)
                 rewards.append(float(reward[0]))
                 done = bool(dones[0])
-                if done and episode is not None:  # per-step rewards may be clipped: keep the Monitor's total
-                    rewards[-1] += float(episode["r"]) - sum(rewards)
                 start = np.zeros(1, dtype=bool)
             out.append(
                 EpisodeActivations(

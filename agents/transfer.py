@@ -49,8 +49,10 @@ __all__ = [
     "freeze",
     "load_source_weights",
     "random_score",
+    "score_from_areas",
     "source_model_file",
     "transfer_score",
+    "window_areas",
 ]
 
 HEAD_PREFIXES = ("action_net.", "value_net.", "log_std")
@@ -125,6 +127,33 @@ def freeze(model: BaseAlgorithm, mode: str) -> list[str]:
     return frozen
 
 
+def window_areas(
+    finetuned: tuple[np.ndarray, np.ndarray],
+    scratch: tuple[np.ndarray, np.ndarray],
+    *,
+    start: float | None = None,
+    end: float | None = None,
+) -> tuple[float, float]:
+    """The two curves' areas (averages) over one window of env steps, ``[start, end]``.
+
+    By default the window runs from the first step at which both curves have a value (the rolling score exists once
+    an episode has finished) to the last step of the shorter run, so both cover the same part of the same budget.
+    Returns ``(nan, nan)`` if either curve is empty or the window is.
+    """
+    ft_steps, ft_values = (np.asarray(a, dtype=float) for a in finetuned)
+    sc_steps, sc_values = (np.asarray(a, dtype=float) for a in scratch)
+    if not len(ft_steps) or not len(sc_steps):
+        return math.nan, math.nan
+    lo = max(ft_steps[0], sc_steps[0]) if start is None else float(start)
+    hi = min(ft_steps[-1], sc_steps[-1]) if end is None else float(end)
+    if hi < lo:
+        return math.nan, math.nan
+    return (
+        area_under_curve(ft_steps, ft_values, start=lo, end=hi),
+        area_under_curve(sc_steps, sc_values, start=lo, end=hi),
+    )
+
+
 def transfer_score(
     finetuned: tuple[np.ndarray, np.ndarray],
     scratch: tuple[np.ndarray, np.ndarray],
@@ -133,11 +162,7 @@ def transfer_score(
     start: float | None = None,
     end: float | None = None,
 ) -> float:
-    """The transfer score in percent (see the module docstring).
-
-    Both areas are averages over one window of env steps, ``[start, end]``: by default from the first step at which
-    both curves have a value (the rolling score exists once an episode has finished) to the last step of the
-    shorter run, so both cover the same part of the same budget.
+    """The transfer score in percent (see the module docstring), over the window of :func:`window_areas`.
 
     :param finetuned: ``(steps, values)`` of the fine-tuned model's training curve on the target.
     :param scratch: the same for the model trained from scratch.
@@ -145,19 +170,14 @@ def transfer_score(
     :returns: ``100 * (AUC_ft - baseline) / (AUC_scratch - baseline)``; NaN if either curve is empty, the window is
         empty, or the scratch area is not above the baseline.
     """
-    ft_steps, ft_values = (np.asarray(a, dtype=float) for a in finetuned)
-    sc_steps, sc_values = (np.asarray(a, dtype=float) for a in scratch)
-    if not len(ft_steps) or not len(sc_steps):
+    return score_from_areas(*window_areas(finetuned, scratch, start=start, end=end), baseline=baseline)
+
+
+def score_from_areas(auc_finetuned: float, auc_scratch: float, *, baseline: float = 0.0) -> float:
+    """``100 * (auc_finetuned - baseline) / (auc_scratch - baseline)``, NaN where it is undefined."""
+    if not (math.isfinite(auc_finetuned) and math.isfinite(auc_scratch)) or auc_scratch - baseline <= 0:
         return math.nan
-    lo = max(ft_steps[0], sc_steps[0]) if start is None else float(start)
-    hi = min(ft_steps[-1], sc_steps[-1]) if end is None else float(end)
-    if hi < lo:
-        return math.nan
-    ft = area_under_curve(ft_steps, ft_values, start=lo, end=hi)
-    sc = area_under_curve(sc_steps, sc_values, start=lo, end=hi)
-    if not (math.isfinite(ft) and math.isfinite(sc)) or sc - baseline <= 0:
-        return math.nan
-    return 100.0 * (ft - baseline) / (sc - baseline)
+    return 100.0 * (auc_finetuned - baseline) / (auc_scratch - baseline)
 
 
 def random_score(env_id: str, *, episodes: int = 10, seed: int = 0, atari: Any | None = None) -> float:

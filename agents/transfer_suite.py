@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.reports import area_under_curve, load_curve
-from agents.transfer import random_score, source_model_file, transfer_score
+from agents.reports import load_curve
+from agents.transfer import random_score, score_from_areas, source_model_file, window_areas
 from rims_rl.config import CONFIG_DIR, TrainConfig, resolve_config
 
 __all__ = [
@@ -329,16 +329,10 @@ def run_cell(
         seconds["finetuned"] += _seconds(ft_dir)
         if math.isnan(baseline):
             baseline = baseline_score(settings, target, sc_cfg)
-        ft, sc = _curve(ft_dir), _curve(sc_dir)
-        score = transfer_score(ft, sc, baseline=baseline)
-        if len(ft[0]) and len(sc[0]):
-            lo, hi = max(ft[0][0], sc[0][0]), min(ft[0][-1], sc[0][-1])
-            auc_ft.append(area_under_curve(*ft, start=lo, end=hi) if hi >= lo else math.nan)
-            auc_sc.append(area_under_curve(*sc, start=lo, end=hi) if hi >= lo else math.nan)
-        else:  # no training episode finished within the budget
-            auc_ft.append(math.nan)
-            auc_sc.append(math.nan)
-        scores.append(score)
+        ft_area, sc_area = window_areas(_curve(ft_dir), _curve(sc_dir))  # NaN: no episode finished in the budget
+        auc_ft.append(ft_area)
+        auc_sc.append(sc_area)
+        scores.append(score_from_areas(ft_area, sc_area, baseline=baseline))
     cell = CellResult(
         source=source_name, target=target_name, policy=settings.policy, mode=settings.mode, seeds=list(budget.seeds),
         baseline=baseline, auc_finetuned=auc_ft, auc_scratch=auc_sc, scores=scores,
