@@ -16,12 +16,14 @@ sb3-contrib, so the algorithm's loss code is unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from sb3_contrib.common.recurrent.buffers import RecurrentRolloutBuffer, create_sequencers
+from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer, RecurrentRolloutBuffer, create_sequencers
 from sb3_contrib.common.recurrent.type_aliases import RecurrentRolloutBufferSamples, RNNStates
 from stable_baselines3.common.vec_env import VecNormalize
 
-__all__ = ["CompactRecurrentRolloutBuffer"]
+__all__ = ["CompactRecurrentRolloutBuffer", "whole_rollout"]
 
 
 class CompactRecurrentRolloutBuffer(RecurrentRolloutBuffer):
@@ -69,3 +71,32 @@ class CompactRecurrentRolloutBuffer(RecurrentRolloutBuffer):
             episode_starts=self.pad_and_flatten(self.episode_starts[batch_inds]),
             mask=self.pad_and_flatten(np.ones_like(self.returns[batch_inds])),
         )
+
+
+_STEP_FIELDS = ("actions", "values", "log_probs", "advantages", "returns", "episode_starts")
+_STATE_FIELDS = ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf")
+
+
+def whole_rollout(buffer: RecurrentRolloutBuffer | RecurrentDictRolloutBuffer) -> Any:
+    """The whole content of a full recurrent rollout buffer as one batch, in order (for A2C's single update).
+
+    Each env's steps in order, env after env; a sequence starts at each env's first step and at each episode start.
+    sb3-contrib's ``get()`` also cuts one sequence at a random index (to vary its minibatches); a whole-rollout
+    update needs no such cut. Works for sb3-contrib's recurrent buffers (vector and dict observations) and
+    :class:`CompactRecurrentRolloutBuffer`; the fields are laid out as ``get()`` lays them out.
+    """
+    if not buffer.full:
+        raise ValueError("the rollout buffer must be full before its rollout is read")
+    if not buffer.generator_ready:  # the layout sb3-contrib's get() prepares: env-major, one row per step
+        for name in _STATE_FIELDS:
+            setattr(buffer, name, getattr(buffer, name).swapaxes(1, 2))
+        if isinstance(buffer.observations, dict):
+            buffer.observations = {k: buffer.swap_and_flatten(v) for k, v in buffer.observations.items()}
+        else:
+            buffer.observations = buffer.swap_and_flatten(buffer.observations)
+        for name in _STEP_FIELDS + _STATE_FIELDS:
+            setattr(buffer, name, buffer.swap_and_flatten(getattr(buffer, name)))
+        buffer.generator_ready = True
+    env_change = np.zeros((buffer.buffer_size, buffer.n_envs))
+    env_change[0, :] = 1.0
+    return buffer._get_samples(np.arange(buffer.buffer_size * buffer.n_envs), buffer.swap_and_flatten(env_change))

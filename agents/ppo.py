@@ -37,7 +37,7 @@ from rims_rl.policies import (
     RIMPolicy,
 )
 
-__all__ = ["POLICY_ALIASES", "RecurrentPPO"]
+__all__ = ["POLICY_ALIASES", "IterationCounter", "RecurrentPPO"]
 
 POLICY_ALIASES: dict[str, type[BasePolicy]] = {
     "RIMPolicy": RIMPolicy,
@@ -49,22 +49,28 @@ POLICY_ALIASES: dict[str, type[BasePolicy]] = {
 }
 
 
-class RecurrentPPO(_RecurrentPPO):
-    """sb3-contrib's RecurrentPPO; ``policy`` may name any of :data:`POLICY_ALIASES`. Parameters are
-    sb3-contrib's."""
+class IterationCounter:
+    """Counts the rollouts of an on-policy algorithm over the whole run, so ``time/iterations`` continues across
+    ``learn`` calls and resumed runs instead of restarting at 1 (SB3 counts per ``learn`` call)."""
 
-    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = POLICY_ALIASES
     iterations: int = 0
     """Rollouts collected over the whole run, across ``learn`` calls and resumes (saved with the model)."""
 
     def collect_rollouts(self, *args: Any, **kwargs: Any) -> bool:
-        complete = super().collect_rollouts(*args, **kwargs)
+        complete = super().collect_rollouts(*args, **kwargs)  # type: ignore[misc]
         if complete:
             self.iterations += 1
         return complete
 
     def dump_logs(self, iteration: int = 0) -> None:
-        super().dump_logs(self.iterations if iteration > 0 else 0)
+        super().dump_logs(self.iterations if iteration > 0 else 0)  # type: ignore[misc]
+
+
+class RecurrentPPO(IterationCounter, _RecurrentPPO):
+    """sb3-contrib's RecurrentPPO; ``policy`` may name any of :data:`POLICY_ALIASES`. Parameters are
+    sb3-contrib's."""
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = POLICY_ALIASES
 
     def _setup_model(self) -> None:
         super()._setup_model()
