@@ -10,7 +10,7 @@ A run directory holds everything a report needs, with no network:
 ``checkpoints/``       ``ckpt_<steps>_steps/``: periodic (``checkpoint.every_steps`` / ``every_minutes``), on
                        SIGINT/SIGTERM, and final; the newest ``checkpoint.keep`` (``agents/checkpoints.py``)
 ``evaluations.npz``    periodic evaluations (``eval.freq``), SB3's EvalCallback format
-``model.zip``          the final model (``RecurrentPPO.load``)
+``model.zip``          the final model (``RecurrentPPO.load`` or ``RecurrentA2C.load``, as ``algo``)
 ``eval.json``          the final evaluation on env seeds disjoint from training
 ``wandb/``             the W&B run (offline unless ``wandb.mode: online``)
 ``activations/``       every step's RIM masks every ``activations.save_every`` rollouts (``read_activations``)
@@ -74,13 +74,17 @@ from agents.checkpoints import (
 )
 from agents.evaluation import EVAL_N_ENVS, EVAL_SEED_OFFSET, EvalResult, evaluate
 from agents.ppo import RecurrentPPO
+from agents.recurrent_a2c import RecurrentA2C
 from agents.transfer import TransferError, freeze, load_source_weights
 from envs import AtariSettings, make_env
 from rims_rl import __version__
 from rims_rl.config import TrainConfig
+from rims_rl.extractors import GridMissionExtractor
 from rims_rl.tracking import ACTIVATIONS_DIR, RIMActivationCallback, WandbOutputFormat, start_wandb
 
 __all__ = [
+    "ALGORITHMS",
+    "Algorithm",
     "ConfigRejected",
     "Prepared",
     "ResumableCSVOutputFormat",
@@ -100,6 +104,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+Algorithm = RecurrentPPO | RecurrentA2C
+ALGORITHMS: dict[str, type[RecurrentPPO] | type[RecurrentA2C]] = {"ppo": RecurrentPPO, "a2c": RecurrentA2C}
+"""``algo`` in the config -> the algorithm class (whose ``load`` reads that run's model files)."""
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
 
@@ -132,7 +140,7 @@ class Prepared:
     """What :func:`prepare` built: the training env and the model, nothing written yet."""
 
     env: VecEnv
-    model: RecurrentPPO
+    model: Algorithm
 
 
 class TrainingInterrupted(Exception):
@@ -184,6 +192,11 @@ def policy_name(cfg: TrainConfig, observation_space: spaces.Space) -> str:
     return f"{kind}LstmPolicy"
 
 
+def _grid_mission(observation_space: spaces.Space) -> bool:
+    """A dict of a symbolic grid view and a tokenised mission (``envs.babyai``), read by GridMissionExtractor."""
+    return isinstance(observation_space, spaces.Dict) and set(observation_space.spaces) == {"image", "mission"}
+
+
 def policy_kwargs(cfg: TrainConfig, observation_space: spaces.Space) -> dict[str, Any]:
     """Policy keyword arguments from the config: the same heads and extractor for RIM and LSTM."""
     net = cfg.network
@@ -193,8 +206,11 @@ def policy_kwargs(cfg: TrainConfig, observation_space: spaces.Space) -> dict[str
         ortho_init=net.ortho_init,
         share_features_extractor=net.share_features_extractor,
         log_std_init=net.log_std_init,
-        optimizer_kwargs=dict(eps=cfg.ppo.adam_eps),
     )
+    if cfg.algo == "ppo":  # RecurrentA2C chooses its optimiser (RMSprop) itself
+        kwargs["optimizer_kwargs"] = dict(eps=cfg.ppo.adam_eps)
+    if _grid_mission(observation_space):  # goal-conditioned grid views (BabyAI): the mission conditions the cells
+        kwargs["features_extractor_class"] = GridMissionExtractor
     critic = net.recurrent_critic
     shared, separate, grad = critic in ("shared", "shared_detached"), critic == "separate", critic == "shared"
     if cfg.policy == "rims":
@@ -211,6 +227,8 @@ def policy_kwargs(cfg: TrainConfig, observation_space: spaces.Space) -> dict[str
         )
         if policy_name(cfg, observation_space) == "RIMCnnPolicy":
             kwargs["input_set"] = rim.input_set
+        if _grid_mission(observation_space):
+            kwargs["features_extractor_kwargs"] = dict(input_set=rim.input_set)
     else:
         kwargs.update(
             lstm_hidden_size=cfg.lstm.hidden_size,
@@ -230,8 +248,30 @@ def _schedule(value: float, kind: str) -> float | LinearSchedule:
     return LinearSchedule(value, 0.0, 1.0) if kind == "linear" else value
 
 
-def build_model(cfg: TrainConfig, env: Any) -> RecurrentPPO:
-    """The RecurrentPPO model for ``cfg`` on a vectorised ``env``."""
+def build_model(cfg: TrainConfig, env: Any) -> Algorithm:
+    """The model of ``cfg.algo`` (RecurrentPPO or RecurrentA2C) for ``cfg`` on a vectorised ``env``."""
+    if cfg.algo == "a2c":
+        a2c = cfg.a2c
+        return RecurrentA2C(
+            policy_name(cfg, env.observation_space),
+            env,
+            learning_rate=_schedule(a2c.learning_rate, a2c.lr_schedule),
+            n_steps=a2c.n_steps,
+            gamma=a2c.gamma,
+            gae_lambda=a2c.gae_lambda,
+            ent_coef=a2c.ent_coef,
+            vf_coef=a2c.vf_coef,
+            max_grad_norm=a2c.max_grad_norm,
+            normalize_advantage=a2c.normalize_advantage,
+            use_rms_prop=a2c.use_rms_prop,
+            rms_prop_eps=a2c.rms_prop_eps,
+            use_sde=a2c.use_sde,
+            sde_sample_freq=a2c.sde_sample_freq,
+            policy_kwargs=policy_kwargs(cfg, env.observation_space),
+            seed=cfg.seed,
+            device=cfg.device,
+            verbose=0,
+        )
     ppo = cfg.ppo
     return RecurrentPPO(
         policy_name(cfg, env.observation_space),
@@ -270,7 +310,7 @@ def make_train_env(cfg: TrainConfig) -> VecEnv:
     except (gym.error.Error, ValueError) as err:
         raise ConfigRejected(f"cannot make env {cfg.env}: {str(err).splitlines()[0]}") from None
     if cfg.normalize_reward:  # observations untouched, so the policy needs no statistics at evaluation
-        env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=cfg.ppo.gamma)
+        env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=cfg.algo_settings.gamma)
     return env
 
 
@@ -437,7 +477,7 @@ def resume(
         except ConfigRejected as err:
             raise RunRejected(str(err)) from None
         try:
-            model = RecurrentPPO.load(ckpt.model_file, env=env, device=device or cfg.device, force_reset=False)
+            model = ALGORITHMS[cfg.algo].load(ckpt.model_file, env=env, device=device or cfg.device, force_reset=False)
         except Exception as err:
             env.close()
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -474,7 +514,7 @@ def _run(
     cfg: TrainConfig,
     run_dir: Path,
     env: VecEnv,
-    model: RecurrentPPO,
+    model: Algorithm,
     meta: dict[str, Any],
     state: dict[str, Any] | None,
     progress_bar: bool,

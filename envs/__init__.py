@@ -15,6 +15,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from envs.atari import ATARI_IDS, AtariSettings, AtariVecEnv, is_atari, make_atari_wrapped
+from envs.babyai import BABYAI_IDS, register_babyai
 from envs.classic import CLASSIC_IDS, register_classic
 from envs.wrappers import EfferenceCopy
 
@@ -34,6 +35,7 @@ VEC_ENVS = ("auto", "ale", "dummy", "subproc")
 ``dummy`` (SB3's in-process DummyVecEnv), ``subproc`` (SB3's SubprocVecEnv, one process per copy)."""
 
 register_classic()
+register_babyai()
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "classic": Family("classic", "partially observable classic control (velocities hidden)", CLASSIC_IDS),
     "atari": Family("atari", "every Atari 2600 game of ale-py, DeepMind preprocessing (envs/atari.py)", ATARI_IDS),
+    "babyai": Family(
+        "babyai", "object picking with known and novel distractors, one id per split (envs/babyai.py)", BABYAI_IDS
+    ),
 }
 
 

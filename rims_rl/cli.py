@@ -231,11 +231,11 @@ def _load_run(run_dir: Path) -> tuple[TrainConfig, Path]:
     return cfg, model_file
 
 
-def _load_model(model_file: Path, device: str) -> Any:
-    from agents.ppo import RecurrentPPO
+def _load_model(model_file: Path, device: str, algo: str = "ppo") -> Any:
+    from agents.training import ALGORITHMS
 
     try:
-        return RecurrentPPO.load(model_file, device=device)
+        return ALGORITHMS[algo].load(model_file, device=device)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load the model {model_file}: {first}") from None
@@ -244,6 +244,8 @@ def _load_model(model_file: Path, device: str) -> Any:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg, model_file = _load_run(run_dir)
+    if args.split is not None:
+        return _evaluate_splits(args, run_dir, cfg, model_file)
     env_id = args.env or cfg.env
     from envs import check_env_id
 
@@ -257,7 +259,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from agents.evaluation import EVAL_SEED_OFFSET, evaluate
     from agents.training import atari_settings
 
-    model = _load_model(model_file, args.device)
+    model = _load_model(model_file, args.device, cfg.algo)
     seed = args.seed if args.seed is not None else cfg.seed + EVAL_SEED_OFFSET
     dropped = tuple(sorted(set(args.drop_unit or ())))
     rim = getattr(model.policy, "lstm_actor", None)
@@ -297,6 +299,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_splits(args: argparse.Namespace, run_dir: Path, cfg: Any, model_file: Path) -> int:
+    """``rims-rl evaluate RUN_DIR --split NAME|all``: success rates on object-picking splits, as a table."""
+    from envs.babyai import SPLITS, split_of
+
+    if split_of(cfg.env) is None:
+        raise UsageError(f"--split evaluates BabyAI object-picking runs; {run_dir} trained on {cfg.env}")
+    if args.env or args.drop_unit:
+        raise UsageError("--split chooses the envs itself: drop --env/--drop-unit")
+    names = [s.strip() for s in args.split.split(",") if s.strip()]
+    if names == ["all"]:
+        names = list(SPLITS)
+    unknown = [n for n in names if n not in SPLITS]
+    if unknown or not names:
+        raise UsageError(f"unknown split '{(unknown or [args.split])[0]}': valid splits are {', '.join(SPLITS)}, all")
+    episodes = args.episodes if args.episodes is not None else cfg.eval.episodes
+    if episodes < 1:
+        raise UsageError(f"--episodes must be >= 1, got {episodes}")
+    deterministic = args.deterministic if args.deterministic is not None else cfg.eval.deterministic
+    _check_device(args.device)
+
+    from agents.evaluation import EVAL_SEED_OFFSET, evaluate_splits, format_split_table, write_split_table
+
+    model = _load_model(model_file, args.device, cfg.algo)
+    seed = args.seed if args.seed is not None else cfg.seed + EVAL_SEED_OFFSET
+    results = evaluate_splits(model, names, episodes=episodes, deterministic=deterministic, seed=seed)
+    meta = {"model": str(model_file), "seed": seed, "deterministic": deterministic}
+    files = write_split_table(results, run_dir, meta)
+    if args.json:
+        print(json.dumps({**meta, "results": [r.to_dict() for r in results]}))
+    else:
+        mode = "deterministic" if deterministic else "sampled"
+        print(f"model: {model_file} ({cfg.policy}, {cfg.algo}); {mode} actions, env seed {seed}")
+        print(format_split_table(results))
+        print("-> " + ", ".join(map(str, files)))
+    return 0
+
+
 def cmd_activations(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg, model_file = _load_run(run_dir)
@@ -316,7 +355,7 @@ def cmd_activations(args: argparse.Namespace) -> int:
     from agents.evaluation import EVAL_SEED_OFFSET
     from agents.training import atari_settings
 
-    model = _load_model(model_file, args.device)
+    model = _load_model(model_file, args.device, cfg.algo)
     seed = args.seed if args.seed is not None else cfg.seed + EVAL_SEED_OFFSET
     deterministic = args.deterministic if args.deterministic is not None else cfg.eval.deterministic
     episodes = play_episodes(
@@ -480,7 +519,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 def _add_config_args(p: argparse.ArgumentParser, env_default: str | None) -> None:
     p.add_argument("--env", default=env_default, help="gymnasium env id (rims-rl envs)")
     p.add_argument("--policy", choices=["rims", "lstm"], help="recurrent core: RIM or the LSTM baseline")
-    p.add_argument("--algo", choices=["ppo"], help="learning algorithm (default from the config: ppo)")
+    p.add_argument(
+        "--algo",
+        choices=["ppo", "a2c"],
+        help="learning algorithm: RecurrentPPO or RecurrentA2C (default from the config)",
+    )
     p.add_argument("--config", type=Path, help="YAML file overriding the env family's config")
     p.add_argument("--total-timesteps", type=int, metavar="N", help="env steps to train for")
     p.add_argument("--n-envs", type=int, metavar="N", help="parallel environments")
@@ -528,6 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drop-unit", type=int, action="append", metavar="J",
         help="RIM ablation: also evaluate with unit J removed (never active, state zero); repeatable",
+    )  # fmt: skip
+    p.add_argument(
+        "--split", metavar="NAME",
+        help="BabyAI object picking: evaluate on these splits (comma-separated names, or all): success rate with "
+        "its 95%% interval per split, written to RUN_DIR/splits.json and splits.csv",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(func=cmd_evaluate)

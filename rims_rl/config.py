@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "ABLATIONS",
     "CONFIG_DIR",
+    "A2CConfig",
     "ActivationConfig",
     "AtariConfig",
     "CheckpointConfig",
@@ -73,7 +74,8 @@ class RIMConfig(_Section):
     input_attention: bool = Field(True, description="False: ablation without input attention (all units active)")
     communication: bool = Field(True, description="False: ablation without communication between units")
     input_set: Literal["vector", "grid"] = Field(
-        "vector", description="images: the RIM reads the CNN output vector or its grid of positions"
+        "vector",
+        description="images and grid views: the RIM reads the encoder's output vector or its grid of positions/cells",
     )
 
     @model_validator(mode="after")
@@ -133,6 +135,24 @@ class PPOConfig(_Section):
     normalize_advantage: bool = Field(True, description="normalise advantages per minibatch")
     target_kl: float | None = Field(None, gt=0, description="early-stop epochs above this KL")
     adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    use_sde: bool = Field(False, description="generalised state-dependent exploration (continuous actions)")
+    sde_sample_freq: int = Field(-1, description="resample gSDE noise every N steps (-1: per rollout)")
+
+
+class A2CConfig(_Section):
+    """RecurrentA2C settings (SB3's A2C names; ``agents/recurrent_a2c.py``): one gradient step per rollout."""
+
+    learning_rate: float = Field(7e-4, gt=0, description="learning rate (RMSprop 7e-4: paper App. C.8)")
+    lr_schedule: Literal["constant", "linear"] = Field("constant", description="linear: decay to 0 over training")
+    n_steps: int = Field(5, ge=1, description="steps per env per rollout (= per update; BPTT length)")
+    gamma: float = Field(0.99, ge=0.0, le=1.0, description="discount")
+    gae_lambda: float = Field(1.0, ge=0.0, le=1.0, description="GAE lambda (1: n-step returns, SB3's A2C)")
+    ent_coef: float = Field(0.0, ge=0.0, description="entropy coefficient")
+    vf_coef: float = Field(0.5, ge=0.0, description="value loss coefficient")
+    max_grad_norm: float = Field(0.5, gt=0, description="gradient clipping norm")
+    normalize_advantage: bool = Field(False, description="normalise the advantages of each rollout")
+    use_rms_prop: bool = Field(True, description="RMSprop (alpha 0.99); false: Adam")
+    rms_prop_eps: float = Field(1e-5, gt=0, description="RMSprop epsilon")
     use_sde: bool = Field(False, description="generalised state-dependent exploration (continuous actions)")
     sde_sample_freq: int = Field(-1, description="resample gSDE noise every N steps (-1: per rollout)")
 
@@ -214,7 +234,7 @@ class TrainConfig(_Section):
 
     env: str = Field("CartPoleNoVel-v1", description="gymnasium env id")
     policy: Literal["rims", "lstm"] = Field("rims", description="recurrent core")
-    algo: Literal["ppo"] = Field("ppo", description="learning algorithm")
+    algo: Literal["ppo", "a2c"] = Field("ppo", description="learning algorithm: RecurrentPPO or RecurrentA2C")
     total_timesteps: int = Field(100_000, ge=1, description="env steps to train for")
     n_envs: int = Field(8, ge=1, description="parallel environments")
     vec_env: Literal["auto", "ale", "dummy", "subproc"] = Field(
@@ -236,6 +256,7 @@ class TrainConfig(_Section):
     lstm: LSTMConfig = Field(default_factory=LSTMConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    a2c: A2CConfig = Field(default_factory=A2CConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     atari: AtariConfig = Field(default_factory=AtariConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -258,6 +279,11 @@ class TrainConfig(_Section):
             elif name == "one_head":
                 rim.input_heads = rim.comm_heads = 1
         return self
+
+    @property
+    def algo_settings(self) -> PPOConfig | A2CConfig:
+        """The section of the configured algorithm (``ppo`` or ``a2c``)."""
+        return self.a2c if self.algo == "a2c" else self.ppo
 
     @model_validator(mode="after")
     def _check_heatmap_env(self) -> TrainConfig:

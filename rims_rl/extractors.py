@@ -10,12 +10,13 @@ elements one after the other. The RIM policies read these attributes (an extract
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 import torch as th
 from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-__all__ = ["NatureCNNGrid", "input_set_shape"]
+__all__ = ["GridMissionExtractor", "NatureCNNGrid", "input_set_shape"]
 
 
 def input_set_shape(extractor: nn.Module, features_dim: int) -> tuple[int, int]:
@@ -77,3 +78,94 @@ class NatureCNNGrid(BaseFeaturesExtractor):
         if self.coords is not None:
             grid = th.cat([grid, self.coords.expand(grid.shape[0], -1, -1)], dim=-1)
         return grid.flatten(1)
+
+
+class GridMissionExtractor(BaseFeaturesExtractor):
+    """Goal-conditioned encoder of a symbolic grid view and a tokenised mission (BabyAI-style dict observations).
+
+    Observations: ``{"image": (H, W, C) integer codes, "mission": (L,) word ids, 0 = padding}`` (the object-picking
+    envs of :mod:`envs.babyai` give MiniGrid's ``7 x 7 x 3`` codes and 5-word missions); SB3 hands them over as
+    floats, which are read back as integers.
+
+    - *cells*: each of a cell's ``C`` codes has its own embedding table (sized from the space's upper bounds); a
+      cell is the sum of its ``C`` embeddings. Two 3x3 convolutions (padding 1, ReLU) follow, the second modulated
+      by the mission with FiLM (Perez et al., 2018; BabyAI's models condition on the mission the same way):
+      ``relu(conv(x) * (1 + gamma(m)) + beta(m))``.
+    - *mission*: word embeddings, a GRU, its state after the last real word: ``m``.
+    - ``input_set="vector"``: the ``H * W`` cells flattened, concatenated with ``m``, and one linear layer with ReLU
+      to ``features_dim`` (the paper's one-layer encoder, App. C.8); one element.
+    - ``input_set="grid"``: a set of ``H * W`` elements, one per cell: its ``channels`` features (which carry the
+      mission through FiLM) and its coordinates ``(row, col)`` in ``[-1, 1]``.
+
+    The RIM and the LSTM read the same features (the LSTM the flat vector of the set).
+
+    :param observation_space: a ``Dict`` space with ``image_key`` (a ``Box`` of non-negative integer codes,
+        channels last) and ``mission_key`` (a ``Box`` of word ids).
+    :param features_dim: output size with ``input_set="vector"``.
+    :param channels: channels of the cell features.
+    :param word_dim: word embedding size.
+    :param mission_dim: GRU state size (the mission encoding ``m``).
+    :param input_set: ``"vector"`` or ``"grid"`` (see above).
+    """
+
+    def __init__(
+        self,
+        observation_space: gym.Space,
+        features_dim: int = 128,
+        channels: int = 32,
+        word_dim: int = 32,
+        mission_dim: int = 64,
+        input_set: str = "vector",
+        image_key: str = "image",
+        mission_key: str = "mission",
+    ) -> None:
+        if not isinstance(observation_space, gym.spaces.Dict) or not {image_key, mission_key} <= set(
+            observation_space.spaces
+        ):
+            raise ValueError(f"GridMissionExtractor needs a Dict space with '{image_key}' and '{mission_key}' keys")
+        image, mission = observation_space[image_key], observation_space[mission_key]
+        if not (isinstance(image, gym.spaces.Box) and len(image.shape) == 3 and isinstance(mission, gym.spaces.Box)):
+            raise ValueError("GridMissionExtractor needs an (H, W, C) Box image and a (L,) Box of word ids")
+        if input_set not in ("vector", "grid"):
+            raise ValueError(f"input_set must be 'vector' or 'grid', got {input_set!r}")
+        height, width, n_codes = image.shape
+        cells = height * width
+        grid = input_set == "grid"
+        super().__init__(observation_space, features_dim=cells * (channels + 2) if grid else features_dim)
+        self.image_key, self.mission_key, self.input_set = image_key, mission_key, input_set
+        sizes = [int(h) + 1 for h in np.asarray(image.high, dtype=np.int64).reshape(-1, n_codes).max(axis=0)]
+        self.register_buffer("code_offsets", th.tensor([0, *np.cumsum(sizes)[:-1]], dtype=th.long))
+        self.cell_embedding = nn.Embedding(sum(sizes), channels)
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        vocab = int(np.asarray(mission.high).max()) + 1
+        self.word_embedding = nn.Embedding(vocab, word_dim, padding_idx=0)
+        self.mission_rnn = nn.GRU(word_dim, mission_dim, batch_first=True)
+        self.film = nn.Linear(mission_dim, 2 * channels)
+        if grid:
+            self.set_size, self.element_size = cells, channels + 2
+            rows = _positions(height).view(height, 1).expand(height, width)
+            cols = _positions(width).view(1, width).expand(height, width)
+            self.register_buffer("coords", th.stack([rows, cols], dim=-1).reshape(1, cells, 2))
+            self.head = None
+        else:
+            self.head = nn.Sequential(nn.Linear(cells * channels + mission_dim, features_dim), nn.ReLU())
+
+    def encode_mission(self, words: th.Tensor) -> th.Tensor:
+        """``(B, L)`` word ids -> ``(B, mission_dim)``: the GRU's output after the last non-padding word."""
+        words = words.long()
+        output, _ = self.mission_rnn(self.word_embedding(words))
+        last = (words > 0).sum(dim=1).clamp(min=1) - 1
+        return output[th.arange(words.shape[0], device=words.device), last]
+
+    def forward(self, observations: dict[str, th.Tensor]) -> th.Tensor:
+        codes = observations[self.image_key].long()  # (B, H, W, C)
+        x = self.cell_embedding(codes + self.code_offsets).sum(dim=3).permute(0, 3, 1, 2)  # (B, channels, H, W)
+        m = self.encode_mission(observations[self.mission_key])
+        gamma, beta = self.film(m)[:, :, None, None].chunk(2, dim=1)
+        x = th.relu(self.conv1(x))
+        x = th.relu(self.conv2(x) * (1 + gamma) + beta)
+        if self.head is not None:
+            return self.head(th.cat([x.flatten(1), m], dim=1))
+        cells = x.flatten(2).transpose(1, 2)  # (B, H*W, channels)
+        return th.cat([cells, self.coords.expand(cells.shape[0], -1, -1)], dim=-1).flatten(1)

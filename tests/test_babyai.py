@@ -1,0 +1,177 @@
+"""BabyAI object picking: the splits are what envs/babyai.py documents, levels reproduce, the task's rules hold,
+and a RIM-A2C run trains and evaluates on every split from the command line."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from minigrid.core.world_object import Ball, Key
+
+import envs  # noqa: F401  (registers the ids)
+from envs import family_of
+from envs.babyai import (
+    BABYAI_IDS,
+    MISSION_VOCAB,
+    POOLS,
+    SPLITS,
+    ObjectPickingEnv,
+    split_env_id,
+    tokenize_mission,
+)
+from rims_rl.cli import main
+
+PICKUP, FORWARD, LEFT = 3, 2, 0
+
+
+def _objects(env: ObjectPickingEnv) -> list[tuple[str, str]]:
+    """Every pickable object on the grid, as (type, colour)."""
+    return [(o.type, o.color) for o in env.grid.grid if o is not None and o.type in ("ball", "box", "key")]
+
+
+def test_pools_are_disjoint_as_documented():
+    train = set(POOLS["train"])
+    parts = [set(POOLS[n]) for n in ("novel-colour", "novel-type", "novel-both")]
+    assert len(train) == 8 and [len(p) for p in parts] == [4, 4, 2]
+    assert set(POOLS["novel"]) == set().union(*parts)
+    assert not train & set(POOLS["novel"])  # no novel pair ever occurs in training
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    train_types, train_colours = {t for t, _ in train}, {c for _, c in train}
+    assert all(t in train_types and c not in train_colours for t, c in parts[0])  # new colours
+    assert all(t not in train_types and c in train_colours for t, c in parts[1])  # a new type
+    assert all(t not in train_types and c not in train_colours for t, c in parts[2])  # both
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_levels_follow_their_split(split):
+    env = gym.make(split_env_id(split)).unwrapped
+    preset, targets = SPLITS[split], set(POOLS["train"])
+    pool = set(POOLS[preset["distractors"]])
+    for seed in range(30):
+        env.reset(seed=seed)
+        objects = _objects(env)
+        assert len(objects) == 1 + preset["num_distractors"]
+        assert env.target in targets and objects.count(env.target) == 1  # the mission names exactly one object
+        assert env.mission == f"pick up the {env.target[1]} {env.target[0]}"
+        distractors = list(objects)
+        distractors.remove(env.target)
+        assert all(d in pool and d != env.target for d in distractors)
+
+
+def test_every_registered_id_passes_gymnasium_env_checker():
+    assert family_of(BABYAI_IDS[0]).name == "babyai" and len(BABYAI_IDS) == len(SPLITS)
+    for env_id in BABYAI_IDS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check_env(gym.make(env_id).unwrapped, skip_render_check=True)
+
+
+def test_seeds_reproduce_levels_and_heldout_level_seeds_differ_from_training_ones():
+    def level(env_id: str, seed: int) -> tuple:
+        env = gym.make(env_id).unwrapped
+        obs, _ = env.reset(seed=seed)
+        return env.mission, env.agent_pos, env.agent_dir, env.grid.encode().tobytes(), obs["image"].tobytes()
+
+    train, known = split_env_id("train"), split_env_id("known")
+    assert level(train, 7) == level(train, 7)
+    assert level(train, 7) != level(train, 8)
+    # same env seed, same level number: the train split builds it from an even level seed, known from an odd one
+    same = sum(level(train, s)[3] == level(known, s)[3] for s in range(20))
+    assert same == 0
+    env = gym.make(train).unwrapped
+    env.reset(seed=3)
+    second_episode = (env.reset()[0]["image"].tobytes(), env.grid.encode().tobytes())
+    env.reset(seed=3)
+    assert (env.reset()[0]["image"].tobytes(), env.grid.encode().tobytes()) == second_episode
+
+
+def _face_object(env: ObjectPickingEnv, obj) -> None:
+    """Put the agent next to ``obj``, facing it."""
+    x, y = obj.cur_pos
+    for d, (dx, dy) in enumerate([(1, 0), (0, 1), (-1, 0), (0, -1)]):
+        cell = (x - dx, y - dy)
+        if env.grid.get(*cell) is None:
+            env.agent_pos, env.agent_dir = np.array(cell), d
+            return
+    raise AssertionError("no free cell next to the object")
+
+
+def _find(env: ObjectPickingEnv, want_target: bool):
+    for o in env.grid.grid:
+        if o is not None and o.type in ("ball", "box", "key") and ((o.type, o.color) == env.target) == want_target:
+            return o
+    raise AssertionError("no such object")
+
+
+def test_wrong_pickup_ends_the_episode_with_zero_and_the_target_pays_the_step_discounted_reward():
+    env = gym.make(split_env_id("train")).unwrapped
+    env.reset(seed=0)
+    _face_object(env, _find(env, want_target=False))
+    _, reward, terminated, truncated, info = env.step(PICKUP)
+    assert terminated and not truncated and reward == 0.0 and info["is_success"] is False
+
+    env.reset(seed=0)
+    env.step(LEFT)
+    _face_object(env, _find(env, want_target=True))
+    _, reward, terminated, _, info = env.step(PICKUP)
+    assert terminated and info["is_success"] is True
+    assert reward == pytest.approx(1 - 0.9 * 2 / env.max_steps)
+
+
+def test_truncation_reports_failure_and_missions_tokenise():
+    env = ObjectPickingEnv(max_steps=3)
+    env.reset(seed=0)
+    for _ in range(2):
+        assert env.step(LEFT)[2:4] == (False, False)
+    _, reward, terminated, truncated, info = env.step(LEFT)
+    assert truncated and not terminated and reward == 0 and info["is_success"] is False
+    ids = tokenize_mission("pick up the red ball")
+    assert [MISSION_VOCAB[i] for i in ids] == ["pick", "up", "the", "red", "ball"]
+    with pytest.raises(ValueError, match="vocabulary"):
+        tokenize_mission("pick up the red dragon")
+
+
+def test_constructor_arguments_are_validated_with_a_sentence():
+    with pytest.raises(ValueError, match="num_distractors must be in"):
+        ObjectPickingEnv(room_size=4, num_distractors=3)
+    with pytest.raises(ValueError, match="types are ball, box, key"):
+        ObjectPickingEnv(distractors=[("ball", "pink")])
+    with pytest.raises(ValueError, match="other than its own"):
+        ObjectPickingEnv(targets=[("ball", "red")], distractors=[("ball", "red")])
+    env = ObjectPickingEnv(room_size=9, num_distractors=10, distractors=POOLS["novel-both"])
+    env.reset(seed=1)
+    assert len(_objects(env)) == 11 and isinstance(Ball("red"), Ball) and Key  # custom rooms and pools work
+
+
+def test_train_a2c_and_evaluate_every_split_from_the_command_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main([
+        "train", "--env", split_env_id("train"), "--policy", "rims", "--algo", "a2c", "--total-timesteps", "512",
+        "--n-envs", "4", "--run-dir", str(run), "--wandb", "disabled", "--no-progress",
+        "--set", "eval.episodes=4", "--set", "rim.input_set=grid",
+    ])  # fmt: skip
+    assert code == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--split", "all", "--episodes", "6"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| {split} |" in out for split in SPLITS)
+    table = json.loads((run / "splits.json").read_text())["results"]
+    assert [r["split"] for r in table] == list(SPLITS)
+    for r in table:
+        assert r["episodes"] == 6 and 0 <= r["ci_low"] <= r["success_rate"] <= r["ci_high"] <= 1
+    assert (run / "splits.csv").read_text().splitlines()[0].startswith("split,env,episodes,successes")
+    assert main(["evaluate", str(run), "--split", "novel", "--episodes", "2", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert [r["split"] for r in record["results"]] == ["novel"]
+    assert len(json.loads((run / "splits.json").read_text())["results"]) == len(SPLITS)  # one row per split kept
+
+
+def test_split_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["evaluate", str(tmp_path / "missing"), "--split", "novel"])
+    assert err.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
