@@ -55,6 +55,9 @@ class IterationCounter:
 
     iterations: int = 0
     """Rollouts collected over the whole run, across ``learn`` calls and resumes (saved with the model)."""
+    log_every: int = 1
+    """With ``learn(log_interval=1)``, metrics are written after every ``log_every``-th rollout of the whole run, so
+    the rows fall on the same env steps whether or not the run was resumed (SB3 counts per ``learn`` call)."""
 
     def collect_rollouts(self, *args: Any, **kwargs: Any) -> bool:
         complete = super().collect_rollouts(*args, **kwargs)  # type: ignore[misc]
@@ -63,6 +66,8 @@ class IterationCounter:
         return complete
 
     def dump_logs(self, iteration: int = 0) -> None:
+        if iteration > 0 and self.iterations % self.log_every:
+            return
         super().dump_logs(self.iterations if iteration > 0 else 0)  # type: ignore[misc]
 
 

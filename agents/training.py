@@ -244,6 +244,20 @@ def atari_settings(cfg: TrainConfig) -> AtariSettings:
     return AtariSettings(**cfg.atari.model_dump())
 
 
+LOG_EVERY_STEPS = 1024
+"""A2C's rollouts are short (128 env steps on BabyAI): its metrics get a row (progress.csv, W&B) once every
+``LOG_EVERY_STEPS`` env steps or so, not every rollout; SB3's A2C default (every 100 rollouts) would leave 12,800 steps
+between rows. PPO logs every rollout (1,024 steps on Atari). The RIM activation statistics of a row are those of the
+rollout that ends at its step."""
+
+
+def log_interval(cfg: TrainConfig) -> int:
+    """Rollouts between metric rows for ``cfg``'s algorithm (:data:`LOG_EVERY_STEPS`), counted over the whole run."""
+    if cfg.algo == "ppo":
+        return 1
+    return max(1, round(LOG_EVERY_STEPS / (cfg.n_envs * cfg.a2c.n_steps)))
+
+
 def _schedule(value: float, kind: str) -> float | LinearSchedule:
     return LinearSchedule(value, 0.0, 1.0) if kind == "linear" else value
 
@@ -656,7 +670,8 @@ def _run(
     try:
         remaining = cfg.total_timesteps - model.num_timesteps
         if not training_done and remaining > 0:
-            model.learn(remaining, callback=CallbackList(cb), reset_num_timesteps=state is None)
+            model.log_every = log_interval(cfg)
+            model.learn(remaining, callback=CallbackList(cb), reset_num_timesteps=state is None, log_interval=1)
         if stop.requested:  # the signal came during the last update: the final checkpoint is written
             raise stopped(checkpointer.last_checkpoint)
         stop.immediate = True  # from here on nothing is left to checkpoint: a signal stops at once

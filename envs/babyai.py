@@ -154,16 +154,16 @@ class ObjectPickingEnv(MiniGridEnv):
 
     ## Registered Configurations
 
-    See :data:`SPLITS` (``rims-rl envs --family babyai``): room 7x7 (5x5 free cells), targets from the ``train``
+    See :data:`SPLITS` (``rims-rl envs --family babyai``): room 6x6 (4x4 free cells), targets from the ``train``
     pool in every split.
 
-    - ``BabyAI-ObjectPicking-Train-v0``: 3 distractors from ``train``, training level seeds.
+    - ``BabyAI-ObjectPicking-Train-v0``: 2 distractors from ``train``, training level seeds.
     - ``BabyAI-ObjectPicking-Known-v0``: as Train, held-out level seeds.
-    - ``BabyAI-ObjectPicking-Novel-v0``: 3 distractors from ``novel``; ``-NovelColour-v0``, ``-NovelType-v0``,
+    - ``BabyAI-ObjectPicking-Novel-v0``: 2 distractors from ``novel``; ``-NovelColour-v0``, ``-NovelType-v0``,
       ``-NovelBoth-v0``: from one of its parts.
-    - ``BabyAI-ObjectPicking-KnownHard-v0``, ``-NovelHard-v0``: 6 distractors (twice training's), held-out seeds.
+    - ``BabyAI-ObjectPicking-KnownHard-v0``, ``-NovelHard-v0``: 4 distractors (twice training's), held-out seeds.
 
-    :param room_size: side of the room including its walls (>= 4).
+    :param room_size: side of the room including its walls (>= 4; the defaults are the Train split's).
     :param num_distractors: distractors per level (>= 0; at most the free cells minus the target and the agent).
     :param targets: the pool the target is drawn from (a sequence of ``(type, colour)`` pairs).
     :param distractors: the pool distractors are drawn from, with replacement, never the target's pair.
@@ -174,8 +174,8 @@ class ObjectPickingEnv(MiniGridEnv):
 
     def __init__(
         self,
-        room_size: int = 7,
-        num_distractors: int = 3,
+        room_size: int = 6,
+        num_distractors: int = 2,
         targets: Sequence[Pair] = POOLS["train"],
         distractors: Sequence[Pair] = POOLS["train"],
         level_seeds: Literal["train", "heldout"] = "train",

@@ -6,8 +6,9 @@ Public API::
     from rims_rl import RIMPolicy, RIMCnnPolicy, RIMMultiInputPolicy   # sb3-contrib policies
     from rims_rl import MlpLstmPolicy, CnnLstmPolicy, MultiInputLstmPolicy  # the LSTM baselines
 
-Algorithms live in :mod:`agents` (``agents.ppo.RecurrentPPO``), environments in :mod:`envs`, and the command line
-in :mod:`rims_rl.cli` (``rims-rl``).
+Algorithms live in :mod:`agents` (``agents.ppo.RecurrentPPO``, ``agents.recurrent_a2c.RecurrentA2C``), environments
+in :mod:`envs`, feature extractors in :mod:`rims_rl.extractors`, and the command line in :mod:`rims_rl.cli`
+(``rims-rl``).
 """
 
 from rims_rl.rim import RIM, RIMInfo

@@ -1,4 +1,4 @@
-"""Recurrent actor-critic policies for sb3-contrib's ``RecurrentPPO``.
+"""Recurrent actor-critic policies for sb3-contrib's ``RecurrentPPO`` (and the project's ``RecurrentA2C``).
 
 RIM policies (``RIMPolicy``, ``RIMCnnPolicy``, ``RIMMultiInputPolicy``) replace the LSTM of sb3-contrib's
 :class:`~sb3_contrib.common.recurrent.policies.RecurrentActorCriticPolicy` by a :class:`~rims_rl.rim.RIM`; the
@@ -12,8 +12,9 @@ Everything else (feature extractors, heads, ``net_arch``, distributions) is sb3-
 
 Contract with sb3-contrib: the recurrent state is the same ``(h, c)`` pair of shape ``(1, n_envs, K * H)`` that
 its rollout buffer stores, and the RIM is reachable as ``policy.lstm_actor`` (with ``num_layers`` and
-``hidden_size`` like ``nn.LSTM``), so ``RecurrentPPO`` works unchanged. Each minibatch sequence runs through the RIM
-in one call; episode starts inside a sequence reset the state at that step.
+``hidden_size`` like ``nn.LSTM``), so ``RecurrentPPO`` and ``agents.recurrent_a2c.RecurrentA2C`` work unchanged.
+Each minibatch sequence runs through the RIM in one call; episode starts inside a sequence reset the state at that
+step.
 
 The LSTM baselines (``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``) are sb3-contrib's policies with
 two fixes: ``save()``/``load()`` keep the LSTM sizes, and a sequence whose only episode start is its first step runs

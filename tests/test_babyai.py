@@ -175,3 +175,36 @@ def test_split_errors_are_one_line(tmp_path, capsys):
         main(["evaluate", str(tmp_path / "missing"), "--split", "novel"])
     assert err.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_interrupted_a2c_run_resumes_to_the_same_end(tmp_path):
+    """SIGINT partway through a RecurrentA2C run on object picking: a checkpoint, then resume() finishes the run
+    with one progress row per logged step, the update counter continuing, and the env state restored."""
+    import os
+    import signal
+
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from agents.training import ALGORITHMS, TrainingInterrupted, resume, train
+    from rims_rl.config import CONFIG_DIR, resolve_config
+
+    class InterruptAt(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps == 512:
+                os.kill(os.getpid(), signal.SIGINT)
+            return True
+
+    flags = {"policy": "lstm", "seed": 1, "wandb.mode": "disabled", "total_timesteps": 1024, "n_envs": 4,
+             "a2c.n_steps": 8, "eval.freq": 0, "eval.episodes": 2}  # fmt: skip
+    cfg = resolve_config(split_env_id("train"), CONFIG_DIR / "babyai.yaml", flags=flags)
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(cfg, tmp_path, callbacks=[InterruptAt()])
+    assert stop.value.checkpoint is not None and 512 <= stop.value.timesteps < 1024
+    result = resume(tmp_path)
+    assert result.timesteps == 1024 and result.resumed_from == stop.value.timesteps
+    model = ALGORITHMS["a2c"].load(tmp_path / "model.zip")
+    assert model.iterations == 1024 // 32
+    lines = (tmp_path / "progress.csv").read_text().splitlines()
+    column = lines[0].split(",").index("time/total_timesteps")
+    steps = [int(line.split(",")[column]) for line in lines[1:]]
+    assert steps == [1024]  # one row per 32 rollouts of 32 steps, counted over the run, resumed or not

@@ -129,8 +129,9 @@ def test_algorithm_conventions_save_load_aliases_and_optimizer(tmp_path):
 
 
 def test_a2c_learns_cartpole_novel(tmp_path):
-    """The shipped classic config with --algo a2c (RIM): greedy evaluation well above a random policy's ~20."""
-    flags = {"policy": "rims", "algo": "a2c", "seed": 0, "wandb.mode": "disabled"}
+    """The shipped classic config with --algo a2c (RIM): within 100k steps, the mean of 20 greedy evaluation
+    episodes reaches 150 (a random policy scores ~20); training stops there."""
+    flags = {"policy": "rims", "algo": "a2c", "seed": 0, "wandb.mode": "disabled", "eval.stop_at": 150}
     cfg = resolve_config("CartPoleNoVel-v1", CONFIG_DIR / "classic.yaml", flags=flags)
     result = train(cfg, tmp_path)
     evals = np.load(tmp_path / "evaluations.npz")
