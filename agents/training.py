@@ -263,51 +263,24 @@ def _schedule(value: float, kind: str) -> float | LinearSchedule:
 
 
 def build_model(cfg: TrainConfig, env: Any) -> Algorithm:
-    """The model of ``cfg.algo`` (RecurrentPPO or RecurrentA2C) for ``cfg`` on a vectorised ``env``."""
-    if cfg.algo == "a2c":
-        a2c = cfg.a2c
-        return RecurrentA2C(
-            policy_name(cfg, env.observation_space),
-            env,
-            learning_rate=_schedule(a2c.learning_rate, a2c.lr_schedule),
-            n_steps=a2c.n_steps,
-            gamma=a2c.gamma,
-            gae_lambda=a2c.gae_lambda,
-            ent_coef=a2c.ent_coef,
-            vf_coef=a2c.vf_coef,
-            max_grad_norm=a2c.max_grad_norm,
-            normalize_advantage=a2c.normalize_advantage,
-            use_rms_prop=a2c.use_rms_prop,
-            rms_prop_eps=a2c.rms_prop_eps,
-            use_sde=a2c.use_sde,
-            sde_sample_freq=a2c.sde_sample_freq,
-            policy_kwargs=policy_kwargs(cfg, env.observation_space),
-            seed=cfg.seed,
-            device=cfg.device,
-            verbose=0,
-        )
-    ppo = cfg.ppo
-    return RecurrentPPO(
+    """The model of ``cfg.algo`` (RecurrentPPO or RecurrentA2C) for ``cfg`` on a vectorised ``env``.
+
+    The ``ppo``/``a2c`` sections use the algorithms' own argument names; only the schedules and the Adam epsilon
+    (a policy optimiser argument) are translated.
+    """
+    section = cfg.algo_settings
+    kwargs = section.model_dump(exclude={"lr_schedule", "clip_range_schedule", "adam_eps"})
+    kwargs["learning_rate"] = _schedule(section.learning_rate, section.lr_schedule)
+    if cfg.algo == "ppo":
+        kwargs["clip_range"] = _schedule(cfg.ppo.clip_range, cfg.ppo.clip_range_schedule)
+    return ALGORITHMS[cfg.algo](
         policy_name(cfg, env.observation_space),
         env,
-        learning_rate=_schedule(ppo.learning_rate, ppo.lr_schedule),
-        n_steps=ppo.n_steps,
-        batch_size=ppo.batch_size,
-        n_epochs=ppo.n_epochs,
-        gamma=ppo.gamma,
-        gae_lambda=ppo.gae_lambda,
-        clip_range=_schedule(ppo.clip_range, ppo.clip_range_schedule),
-        ent_coef=ppo.ent_coef,
-        vf_coef=ppo.vf_coef,
-        max_grad_norm=ppo.max_grad_norm,
-        normalize_advantage=ppo.normalize_advantage,
-        target_kl=ppo.target_kl,
-        use_sde=ppo.use_sde,
-        sde_sample_freq=ppo.sde_sample_freq,
         policy_kwargs=policy_kwargs(cfg, env.observation_space),
         seed=cfg.seed,
         device=cfg.device,
         verbose=0,
+        **kwargs,
     )
 
 
