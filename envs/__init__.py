@@ -16,6 +16,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from envs.atari import ATARI_IDS, AtariSettings, AtariVecEnv, is_atari, make_atari_wrapped
 from envs.babyai import BABYAI_IDS, register_babyai
+from envs.cheetah import CHEETAH_IDS, register_cheetah
 from envs.classic import CLASSIC_IDS, register_classic
 from envs.wrappers import EfferenceCopy
 
@@ -36,6 +37,7 @@ VEC_ENVS = ("auto", "ale", "dummy", "subproc")
 
 register_classic()
 register_babyai()
+register_cheetah()
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Family:
     name: str
     description: str
     ids: tuple[str, ...]
+    command: str = "train"  # the rims-rl command that trains agents on these ids
 
     @property
     def config_name(self) -> str:
@@ -56,6 +59,12 @@ FAMILIES: dict[str, Family] = {
     "atari": Family("atari", "every Atari 2600 game of ale-py, DeepMind preprocessing (envs/atari.py)", ATARI_IDS),
     "babyai": Family(
         "babyai", "object picking with known and novel distractors, one id per split (envs/babyai.py)", BABYAI_IDS
+    ),
+    "cheetah": Family(
+        "cheetah",
+        "Half-Cheetah from pixels, plain and with perturbed joints; trained by imitation (envs/cheetah.py)",
+        CHEETAH_IDS,
+        command="imitate",
     ),
 }
 

@@ -7,6 +7,7 @@
     rims-rl compare runs/CartPoleNoVel-v1 --out reports/cartpole   # RIM vs LSTM curves over seeds, score table
     rims-rl activations runs/CartPoleNoVel-v1/rims-ppo-s0-...   # play episodes, draw which units were active
     rims-rl transfer --protocol rusu2016 --policy rims --preset paper   # Atari transfer matrix (or one cell)
+    rims-rl imitate --demos demos/cheetah.npz --policy rims   # Half-Cheetah from pixels (rims_rl/cli_imitation.py)
     rims-rl envs                                              # the env families and ids the project provides
     rims-rl config --env CartPoleNoVel-v1                     # the resolved configuration, every key documented
 
@@ -67,6 +68,11 @@ def _resolve(args: argparse.Namespace, flags: dict[str, Any]) -> TrainConfig:
     from envs import check_env_id
 
     check_env_id(args.env)
+    from envs import family_of
+
+    family = family_of(args.env)
+    if family is not None and family.command != "train":
+        raise UsageError(f"{args.env} ({family.name}) is trained with `rims-rl {family.command}`, not train")
     family_file = _family_config(args.env)
     if family_file is None and args.config is None:
         raise UsageError(
@@ -243,6 +249,12 @@ def _load_model(model_file: Path, device: str, algo: str = "ppo") -> Any:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
+    from rims_rl.cli_imitation import evaluate_perturb, is_imitation_run
+
+    if is_imitation_run(run_dir):
+        return evaluate_perturb(args, run_dir)
+    if args.perturb is not None:
+        raise UsageError(f"--perturb evaluates Half-Cheetah imitation runs (rims-rl imitate); {run_dir} is not one")
     cfg, model_file = _load_run(run_dir)
     if args.split is not None:
         return _evaluate_splits(args, run_dir, cfg, model_file)
@@ -577,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="BabyAI object picking: evaluate on these splits (comma-separated names, or all): success rate with "
         "its 95%% interval per split, written to RUN_DIR/splits.json and splits.csv",
     )  # fmt: skip
+    p.add_argument(
+        "--perturb", metavar="SPEC",
+        help="Half-Cheetah imitation runs: none, joints (the perturbed preset) or joints:SCALE, comma-separated; "
+        "mean +- std return per setting, written to RUN_DIR/perturb.json (default none)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(func=cmd_evaluate)
 
@@ -641,6 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", choices=["offline", "online", "disabled"], help="W&B mode (default offline)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_transfer)
+
+    from rims_rl.cli_imitation import add_parsers
+
+    add_parsers(sub)
 
     p = sub.add_parser("envs", help="list the env families and ids", description="List env families and ids.")
     p.add_argument("--family", help="only this family")

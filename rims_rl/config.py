@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "EvalConfig",
+    "ImitationConfig",
     "LSTMConfig",
     "NetworkConfig",
     "PPOConfig",
@@ -42,6 +43,7 @@ __all__ = [
     "flat_keys",
     "parse_overrides",
     "resolve_config",
+    "resolve_imitation_config",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -120,7 +122,7 @@ class NetworkConfig(_Section):
 class PPOConfig(_Section):
     """RecurrentPPO settings (sb3-contrib names)."""
 
-    learning_rate: float = Field(3e-4, gt=0, description="Adam learning rate")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate")
     lr_schedule: Literal["constant", "linear"] = Field("constant", description="linear: decay to 0 over training")
     n_steps: int = Field(128, ge=1, description="steps per env per rollout")
     batch_size: int = Field(128, ge=1, description="minibatch size (samples)")
@@ -305,6 +307,51 @@ class TrainConfig(_Section):
         return data
 
 
+class ImitationConfig(_Section):
+    """Behaviour cloning from pixels (``rims-rl imitate``; paper App. C.7): conv encoder -> recurrent core -> head."""
+
+    demos: str = Field("", description="demonstrations file from `rims-rl demos` (.npz)")
+    policy: Literal["rims", "lstm", "gru"] = Field("rims", description="recurrent core")
+    hidden_size: int = Field(600, ge=1, description="hidden units of the GRU/LSTM core (paper: GRU 600)")
+    head_size: int = Field(256, ge=1, description="width of the action head's two ReLU layers (paper: 256)")
+    frame_stack: int = Field(4, ge=1, description="past frames stacked into one observation (paper: 4)")
+    seq_len: int = Field(50, ge=1, description="truncated BPTT: steps per gradient update (state carried across)")
+    batch_size: int = Field(8, ge=1, description="episodes trained side by side (one window each per update)")
+    epochs: int = Field(10, ge=1, description="passes over the training episodes")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clipping")
+    val_episodes: int = Field(2, ge=0, description="demo episodes held out for the validation loss")
+    eval_episodes: int = Field(
+        3, ge=0, description="env episodes played after training, without and with perturbation (0: none)"
+    )
+    eval_max_steps: int | None = Field(None, ge=1, description="cut evaluation episodes at N steps (None: 1000)")
+    seed: int = Field(0, ge=0, description="random seed (torch, numpy, evaluation envs)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    rim: RIMConfig = Field(default_factory=lambda: RIMConfig(k_active=3))
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+def resolve_imitation_config(
+    user_file: Path | None = None, flags: dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> ImitationConfig:
+    """``configs/cheetah.yaml``, then ``--config FILE``, the CLI flags and ``--set`` items, validated."""
+    data: dict[str, Any] = {}
+    layers = [(load_yaml(CONFIG_DIR / "cheetah.yaml"), str(CONFIG_DIR / "cheetah.yaml"))]
+    if user_file is not None:
+        layers.append((load_yaml(user_file), str(user_file)))
+    if flags:
+        layers.append((_nest(flags), "command-line flags"))
+    if overrides:
+        layers.append((parse_overrides(overrides), "--set"))
+    for layer, source in layers:
+        data = _deep_merge(data, layer)
+        try:
+            ImitationConfig.model_validate(data)
+        except ValidationError as err:
+            raise _format_error(err, source, ImitationConfig) from None
+    return ImitationConfig.model_validate(data)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
     """``(dotted key, default, description)`` for every leaf of the config tree."""
@@ -319,23 +366,24 @@ def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> l
     return rows
 
 
-def flat_keys() -> list[str]:
+def flat_keys(model: type[BaseModel] = TrainConfig) -> list[str]:
     """All dotted keys of the config tree (``ppo.learning_rate``, ...)."""
-    return [key for key, _, _ in describe_fields()]
+    return [key for key, _, _ in describe_fields(model)]
 
 
-def _closest(key: str) -> str:
-    matches = difflib.get_close_matches(key, flat_keys(), n=1, cutoff=0.5)
+def _closest(key: str, model: type[BaseModel] = TrainConfig) -> str:
+    keys = flat_keys(model)
+    matches = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not matches:  # a bare leaf name given without its section (``k_active`` for ``rim.k_active``)
-        matches = [k for k in flat_keys() if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+        matches = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
     return f" (did you mean '{matches[0]}'?)" if matches else ""
 
 
-def _format_error(err: ValidationError, source: str) -> ConfigError:
+def _format_error(err: ValidationError, source: str, model: type[BaseModel] = TrainConfig) -> ConfigError:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        return ConfigError(f"unknown config key '{key}' in {source}{_closest(key)}")
+        return ConfigError(f"unknown config key '{key}' in {source}{_closest(key, model)}")
     if first["type"] == "value_error":  # our cross-field checks carry their own sentence
         return ConfigError(f"{first['msg'].removeprefix('Value error, ')} (in {source})")
     value = first.get("input")
@@ -435,6 +483,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _nest(flags: dict[str, Any]) -> dict[str, Any]:
+    """``{"wandb.mode": "disabled"}`` -> ``{"wandb": {"mode": "disabled"}}``."""
+    nested: dict[str, Any] = {}
+    for key, value in flags.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
 def resolve_config(
     env_id: str,
     family_file: Path | None,
@@ -459,14 +519,7 @@ def resolve_config(
     if user_file is not None:
         layers.append((_sections_for(load_yaml(user_file), env_id, user_file), str(user_file)))
     if flags:
-        nested: dict[str, Any] = {}
-        for key, value in flags.items():
-            node = nested
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        layers.append((nested, "command-line flags"))
+        layers.append((_nest(flags), "command-line flags"))
     if overrides:
         layers.append((parse_overrides(overrides), "--set"))
     for layer, source in layers:

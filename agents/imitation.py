@@ -1,0 +1,580 @@
+"""Behaviour cloning from pixels (paper App. C.7, Table 6): demonstrations, the recurrent pixel policy, training with
+truncated back-propagation through time, and evaluation with and without joint perturbations.
+
+Demonstrations (``rims-rl demos``) are one compressed ``.npz``: ``frames`` ``(N, S, S, 3)`` uint8 (the frame seen
+before each action, all episodes one after the other), ``actions`` ``(N, A)``, ``rewards`` ``(N,)``, ``states``
+``(N, 17)`` (the true state the expert acted on), ``episode_lengths`` ``(E,)``, ``episode_returns`` ``(E,)`` and
+``meta`` (JSON: env, frame size, camera, expert, seeds). Frames are stored once; the 4-frame stacks the policy sees
+are built from them when batches are drawn, exactly as :class:`envs.cheetah.PixelObservation` builds them.
+
+The policy (:class:`PixelPolicy`): the World Models encoder (Ha & Schmidhuber 2018: four 4x4 stride-2 convolutions,
+32-64-128-256 channels, ReLU; 1024 features at 64x64) on the stacked frames, a recurrent core (a RIM, a GRU or an
+LSTM), and two 256-unit ReLU layers to a tanh action (the paper's "two fully connected layers of size 256").
+
+Training (:func:`train_imitation`) runs ``batch_size`` training episodes side by side, each cut into consecutive
+windows of ``seq_len`` steps: one Adam step per window on the mean squared error to the expert's actions, the
+recurrent state carried from window to window and detached (truncated BPTT). The validation loss is the same error
+on held-out episodes, played whole with the state carried. A run directory holds ``config.yaml``, ``run.json``,
+``progress.csv`` (one row per epoch), ``checkpoint.pt`` (the newest epoch: model, optimizer, RNG; ``--resume``),
+``model.pt`` (the final policy), ``eval.json`` and ``perturb.json`` (``rims-rl evaluate --perturb``), and the W&B
+run (offline unless chosen otherwise).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+import yaml
+from torch import nn
+
+from rims_rl.config import ImitationConfig
+from rims_rl.rim import RIM
+
+__all__ = [
+    "Demos",
+    "ImitationInterrupted",
+    "PerturbResult",
+    "PixelPolicy",
+    "evaluate_pixel_policy",
+    "load_demos",
+    "load_imitation_run",
+    "record_demos",
+    "train_imitation",
+]
+
+DEMO_KEYS = ("frames", "actions", "rewards", "states", "episode_lengths", "episode_returns")
+
+
+# ================================================================================================================
+# Demonstrations
+# ================================================================================================================
+@dataclass
+class Demos:
+    frames: np.ndarray  # (N, S, S, 3) uint8
+    actions: np.ndarray  # (N, A) float32
+    rewards: np.ndarray  # (N,)
+    states: np.ndarray  # (N, state dim)
+    episode_lengths: np.ndarray  # (E,)
+    episode_returns: np.ndarray  # (E,)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def episodes(self) -> int:
+        return len(self.episode_lengths)
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.episode_lengths)[:-1]]).astype(np.int64)
+
+    def save(self, path: str | Path) -> Path:
+        """Compressed ``.npz``, written beside and renamed over ``path`` (never half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        arrays = {k: getattr(self, k) for k in DEMO_KEYS}
+        np.savez_compressed(tmp, meta=np.array(json.dumps(self.meta)), **arrays)
+        tmp.replace(path)
+        return path
+
+
+def load_demos(path: str | Path) -> Demos:
+    """Read a file written by ``rims-rl demos``; ValueError naming what is missing or inconsistent."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no demonstrations file {path} (write one with `rims-rl demos`)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in (*DEMO_KEYS, "meta") if k not in data]
+            if missing:
+                raise ValueError(f"{path} is not a demonstrations file: it lacks {', '.join(missing)}")
+            demos = Demos(**{k: data[k] for k in DEMO_KEYS}, meta=json.loads(str(data["meta"])))
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npz demonstrations file ({err})") from None
+    n = int(demos.episode_lengths.sum())
+    if not (len(demos.frames) == len(demos.actions) == len(demos.rewards) == n) or demos.episodes == 0:
+        raise ValueError(f"{path}: frames/actions/rewards do not match the episode lengths")
+    return demos
+
+
+def record_demos(
+    expert_path: str | Path,
+    episodes: int,
+    *,
+    seed: int = 0,
+    size: int = 64,
+    camera: str = "track",
+    max_steps: int | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> Demos:
+    """Play the expert (on the true state) in the pixel env and record each step's frame, action and reward.
+
+    Episodes are seeded ``seed, seed + 1, ...``. A KeyboardInterrupt keeps the finished episodes (the
+    partial one is dropped) and returns them, with ``meta["interrupted"] = True``.
+    """
+    from agents.experts import load_expert
+    from envs.cheetah import make_pixel_cheetah
+
+    actor = load_expert(expert_path)
+    kwargs = {"max_episode_steps": max_steps} if max_steps else {}
+    env = make_pixel_cheetah(size=size, frame_stack=1, camera=camera, **kwargs)
+    frames, actions, rewards, states, lengths, returns = [], [], [], [], [], []
+    interrupted = False
+    try:
+        for episode in range(episodes):
+            obs, info = env.reset(seed=seed + episode)
+            ep: dict[str, list] = {"f": [], "a": [], "r": [], "s": []}
+            done = False
+            while not done:
+                state = info["state"]
+                with th.no_grad():
+                    action, _ = actor.predict(state, deterministic=True)
+                ep["f"].append(obs)
+                ep["s"].append(state)
+                ep["a"].append(action)
+                obs, reward, terminated, truncated, info = env.step(action)
+                ep["r"].append(reward)
+                done = terminated or truncated
+            frames += ep["f"]
+            actions += ep["a"]
+            rewards += ep["r"]
+            states += ep["s"]
+            lengths.append(len(ep["r"]))
+            returns.append(float(np.sum(ep["r"])))
+            if progress is not None:
+                progress(episode + 1, returns[-1])
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        env.close()
+    if not lengths:
+        raise KeyboardInterrupt
+    meta = {
+        "env": "HalfCheetah-v5",
+        "size": size,
+        "camera": camera,
+        "expert": str(expert_path),
+        "seed": seed,
+        "max_steps": max_steps,
+        "interrupted": interrupted,
+    }
+    return Demos(
+        frames=np.stack(frames).astype(np.uint8),
+        actions=np.stack(actions).astype(np.float32),
+        rewards=np.asarray(rewards, np.float32),
+        states=np.stack(states).astype(np.float32),
+        episode_lengths=np.asarray(lengths, np.int64),
+        episode_returns=np.asarray(returns, np.float64),
+        meta=meta,
+    )
+
+
+def stack_index(length: int, frame_stack: int) -> np.ndarray:
+    """``(length, frame_stack)`` frame indices of each step's stack, oldest first; the first frame fills the start."""
+    t = np.arange(length)[:, None] + np.arange(frame_stack)[None, :] - (frame_stack - 1)
+    return np.maximum(t, 0)
+
+
+# ================================================================================================================
+# The policy
+# ================================================================================================================
+class WorldModelsEncoder(nn.Module):
+    """Ha & Schmidhuber's (2018) VAE encoder without the sampling: 4x4 stride-2 convs, 32-64-128-256, ReLU."""
+
+    def __init__(self, in_channels: int, size: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for out in (32, 64, 128, 256):
+            layers += [nn.Conv2d(channels, out, 4, stride=2), nn.ReLU()]
+            channels = out
+        self.net = nn.Sequential(*layers, nn.Flatten())
+        with th.no_grad():
+            self.features_dim = int(self.net(th.zeros(1, in_channels, size, size)).shape[1])
+
+    def forward(self, images: th.Tensor) -> th.Tensor:
+        """``(B, S, S, C)`` uint8 channel-last -> ``(B, features_dim)``."""
+        return self.net(images.permute(0, 3, 1, 2).float() / 255.0)
+
+
+class PixelPolicy(nn.Module):
+    """Stacked frames -> World Models encoder -> RIM | GRU | LSTM -> two ReLU layers -> tanh action.
+
+    Inputs: ``obs`` ``(L, B, S, S, 3 * frame_stack)`` uint8, optional ``state`` (a pair of ``(B, hidden)``
+    tensors; GRUs ignore the second), optional ``episode_starts`` ``(L, B)`` (reset the state before those steps).
+    Outputs: actions ``(L, B, A)`` in ``[-1, 1]``, the state after the last step, and the RIM's activation masks
+    ``(L, B, K)`` (None for GRU/LSTM).
+    """
+
+    def __init__(self, cfg: ImitationConfig, *, size: int, frame_stack: int, action_dim: int) -> None:
+        super().__init__()
+        self.kind = cfg.policy
+        self.size, self.frame_stack, self.action_dim = size, frame_stack, action_dim
+        self.encoder = WorldModelsEncoder(3 * frame_stack, size)
+        d = self.encoder.features_dim
+        self.core: nn.Module
+        if cfg.policy == "rims":
+            r = cfg.rim
+            self.core = RIM(d, r.num_units, r.unit_size, r.k_active, r.cell, **r.rim_kwargs())
+            self.hidden_size = r.num_units * r.unit_size
+        else:
+            cls = nn.GRU if cfg.policy == "gru" else nn.LSTM
+            self.core = cls(d, cfg.hidden_size)
+            self.hidden_size = cfg.hidden_size
+        w = cfg.head_size
+        self.head = nn.Sequential(
+            nn.Linear(self.hidden_size, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, action_dim), nn.Tanh()
+        )
+
+    def initial_state(self, batch: int, device: th.device | str) -> tuple[th.Tensor, th.Tensor]:
+        h = th.zeros(batch, self.hidden_size, device=device)
+        return h, th.zeros_like(h)
+
+    def forward(
+        self,
+        obs: th.Tensor,
+        state: tuple[th.Tensor, th.Tensor] | None = None,
+        episode_starts: th.Tensor | None = None,
+    ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor], th.Tensor | None]:
+        L, B = obs.shape[:2]
+        x = self.encoder(obs.reshape(L * B, *obs.shape[2:])).view(L, B, -1)
+        if state is None:
+            state = self.initial_state(B, obs.device)
+        masks = None
+        if isinstance(self.core, RIM):
+            out, state, info = self.core(x, state, episode_starts)
+            masks = info.activation_mask
+        else:
+            out, state = self._torch_rnn(x, state, episode_starts)
+        return self.head(out), state, masks
+
+    def _torch_rnn(
+        self, x: th.Tensor, state: tuple[th.Tensor, th.Tensor], starts: th.Tensor | None
+    ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor]]:
+        h, c = state
+        lstm = isinstance(self.core, nn.LSTM)
+
+        def run(xs: th.Tensor, h: th.Tensor, c: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+            if lstm:
+                out, (h1, c1) = self.core(xs, (h[None], c[None]))
+                return out, h1[0], c1[0]
+            out, h1 = self.core(xs, h[None])
+            return out, h1[0], c
+
+        if starts is None or not bool(starts[1:].any()):  # one cuDNN/MKL call for the whole sequence
+            if starts is not None:
+                keep = (1.0 - starts[0].float())[:, None]
+                h, c = h * keep, c * keep
+            out, h, c = run(x, h, c)
+            return out, (h, c)
+        outs = []
+        for t in range(x.shape[0]):  # resets inside the sequence: step by step
+            keep = (1.0 - starts[t].float())[:, None]
+            o, h, c = run(x[t : t + 1], h * keep, c * keep)
+            outs.append(o)
+        return th.cat(outs), (h, c)
+
+
+# ================================================================================================================
+# Training
+# ================================================================================================================
+class ImitationInterrupted(Exception):
+    def __init__(self, run_dir: Path, epoch: int, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name}; the last finished epoch ({epoch}) is saved in {run_dir}")
+        self.run_dir, self.epoch, self.signal_name = run_dir, epoch, signal_name
+
+
+def _device(name: str) -> th.device:
+    if name == "auto":
+        return th.device("cuda" if th.cuda.is_available() else "cpu")
+    return th.device(name)
+
+
+class _Batches:
+    """Frames of all episodes on the training device and the windows of truncated BPTT."""
+
+    def __init__(self, demos: Demos, episodes: np.ndarray, frame_stack: int, device: th.device) -> None:
+        self.device = device
+        self.frames = th.from_numpy(demos.frames).to(device)
+        self.actions = th.from_numpy(demos.actions).to(device)
+        self.starts = demos.starts[episodes]
+        self.lengths = demos.episode_lengths[episodes]
+        self.frame_stack = frame_stack
+
+    def window(self, eps: np.ndarray, t0: int, seq_len: int) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """Steps ``t0 .. t0 + seq_len`` of episodes ``eps`` (indices into this split): obs ``(L, B, S, S, C)``,
+        target actions ``(L, B, A)`` and a validity mask ``(L, B)`` (episodes shorter than the window are padded)."""
+        L = seq_len
+        t = t0 + np.arange(L)[:, None]  # (L, 1)
+        valid = t < self.lengths[eps][None, :]  # (L, B)
+        t = np.minimum(t, self.lengths[eps][None, :] - 1)
+        stack = np.maximum(t[..., None] + np.arange(self.frame_stack) - (self.frame_stack - 1), 0)  # (L, B, F)
+        frame_idx = th.from_numpy(self.starts[eps][None, :, None] + stack).to(self.device)
+        step_idx = th.from_numpy(self.starts[eps][None, :] + t).to(self.device)
+        frames = self.frames[frame_idx]  # (L, B, F, S, S, 3)
+        obs = frames.permute(0, 1, 3, 4, 2, 5).reshape(L, len(eps), *frames.shape[3:5], -1)
+        return obs, self.actions[step_idx], th.from_numpy(valid).to(self.device)
+
+
+def _masked_mse(pred: th.Tensor, target: th.Tensor, valid: th.Tensor) -> th.Tensor:
+    err = ((pred - target) ** 2).mean(-1)
+    return (err * valid).sum() / valid.sum().clamp(min=1)
+
+
+def _sweep(
+    policy: PixelPolicy,
+    batches: _Batches,
+    eps: np.ndarray,
+    seq_len: int,
+    step: Callable[[th.Tensor], None] | None,
+) -> tuple[float, int]:
+    """One pass over episodes ``eps`` side by side in windows; ``step(loss)`` after each window when training.
+    Returns the step-weighted mean loss and the number of windows."""
+    state = policy.initial_state(len(eps), batches.device)
+    total, count, windows = 0.0, 0, 0
+    for t0 in range(0, int(batches.lengths[eps].max()), seq_len):
+        obs, target, valid = batches.window(eps, t0, seq_len)
+        pred, state, _ = policy(obs, state)
+        loss = _masked_mse(pred, target, valid)
+        if step is not None:
+            step(loss)
+        state = (state[0].detach(), state[1].detach())  # truncated BPTT
+        n = int(valid.sum())
+        total += float(loss.detach()) * n
+        count += n
+        windows += 1
+    return total / max(count, 1), windows
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _policy_for(cfg: ImitationConfig, meta: dict[str, Any]) -> PixelPolicy:
+    return PixelPolicy(cfg, size=meta["size"], frame_stack=meta["frame_stack"], action_dim=meta["action_dim"])
+
+
+def train_imitation(
+    cfg: ImitationConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    stop: Any | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or, with ``resume``, continue) a pixel policy by behaviour cloning into ``run_dir``.
+
+    ``stop`` is an object with a ``requested`` attribute (``agents.callbacks.GracefulStop``); when it is set the
+    current epoch is abandoned and :class:`ImitationInterrupted` is raised (finished epochs are in the checkpoint).
+    Returns the final summary (also in ``run.json``).
+    """
+    from rims_rl.tracking import start_wandb
+
+    demos = load_demos(cfg.demos)
+    frame_stack = cfg.frame_stack
+    meta = {
+        "size": int(demos.meta.get("size", demos.frames.shape[1])),
+        "frame_stack": frame_stack,
+        "action_dim": int(demos.actions.shape[1]),
+        "camera": demos.meta.get("camera", "track"),
+    }
+    if demos.episodes - cfg.val_episodes < 1:
+        raise ValueError(
+            f"val_episodes={cfg.val_episodes} leaves no training episode in {cfg.demos} ({demos.episodes} episodes)"
+        )
+    device = _device(cfg.device)
+    th.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    policy = _policy_for(cfg, meta).to(device)
+    optimizer = th.optim.Adam(policy.parameters(), lr=cfg.learning_rate)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    epoch, history, run_info = 0, [], {}
+    if resume:
+        ckpt = th.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
+        policy.load_state_dict(ckpt["policy"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        epoch, history = ckpt["epoch"], ckpt["history"]
+        rng = np.random.default_rng()
+        rng.bit_generator.state = ckpt["numpy_rng"]
+        th.set_rng_state(ckpt["torch_rng"])
+        run_info = json.loads((run_dir / "run.json").read_text())
+    else:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    n_train = demos.episodes - cfg.val_episodes
+    train_b = _Batches(demos, np.arange(n_train), frame_stack, device)
+    val_b = _Batches(demos, np.arange(n_train, demos.episodes), frame_stack, device) if cfg.val_episodes else None
+    params = sum(p.numel() for p in policy.core.parameters())
+    run_info.update(
+        kind="imitation",
+        status="running",
+        policy=cfg.policy,
+        demos=str(cfg.demos),
+        meta=meta,
+        core_parameters=params,
+        parameters=sum(p.numel() for p in policy.parameters()),
+    )
+    _write_json(run_dir / "run.json", run_info)
+    tags = [cfg.policy, "imitation"] + ([f"k_active={cfg.rim.k_active}"] if cfg.policy == "rims" else [])
+    wandb_run = start_wandb(
+        cfg.wandb.mode,
+        run_dir,
+        cfg.model_dump(),
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        group=cfg.wandb.group or "HalfCheetahPixels-imitation",
+        job_type=cfg.policy,
+        tags=tags + cfg.wandb.tags,
+        name=run_dir.name,
+        run_id=run_info.get("wandb_id"),
+    )
+    if wandb_run is not None:
+        run_info["wandb_id"] = wandb_run.id
+        _write_json(run_dir / "run.json", run_info)
+
+    def update(loss: th.Tensor) -> None:
+        if stop is not None and stop.requested:
+            raise StopIteration
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+
+    fields = ["epoch", "updates", "train_loss", "val_loss", "seqs_per_s", "steps_per_s", "seconds"]
+    try:
+        while epoch < cfg.epochs:
+            order = rng.permutation(n_train)
+            start = time.perf_counter()
+            policy.train()
+            losses, weights, windows = [], [], 0
+            try:
+                for i in range(0, n_train, cfg.batch_size):
+                    eps = order[i : i + cfg.batch_size]
+                    loss, n = _sweep(policy, train_b, eps, cfg.seq_len, update)
+                    losses.append(loss)
+                    weights.append(int(train_b.lengths[eps].sum()))
+                    windows += n * len(eps)
+            except StopIteration:
+                raise ImitationInterrupted(run_dir, epoch, getattr(stop, "signal_name", "a signal")) from None
+            seconds = time.perf_counter() - start
+            val_loss = math.nan
+            if val_b is not None:
+                policy.eval()
+                with th.no_grad():
+                    val_loss, _ = _sweep(policy, val_b, np.arange(cfg.val_episodes), cfg.seq_len, None)
+            epoch += 1
+            row = {
+                "epoch": epoch,
+                "updates": (history[-1]["updates"] if history else 0) + windows // min(cfg.batch_size, n_train),
+                "train_loss": float(np.average(losses, weights=weights)),
+                "val_loss": float(val_loss),
+                "seqs_per_s": windows / seconds,
+                "steps_per_s": float(train_b.lengths.sum()) / seconds,
+                "seconds": seconds,
+            }
+            history.append(row)
+            th.save(
+                {
+                    "policy": policy.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "numpy_rng": rng.bit_generator.state,
+                    "torch_rng": th.get_rng_state(),
+                },
+                run_dir / "checkpoint.tmp.pt",
+            )
+            (run_dir / "checkpoint.tmp.pt").replace(run_dir / "checkpoint.pt")
+            with open(run_dir / "progress.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(history)
+            if wandb_run is not None:
+                wandb_run.log({f"imitation/{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)
+            if on_epoch is not None:
+                on_epoch(row)
+        th.save({"policy": policy.state_dict(), "config": cfg.model_dump(), "meta": meta}, run_dir / "model.pt")
+        run_info.update(status="finished", epochs=epoch, final=history[-1] if history else {})
+        _write_json(run_dir / "run.json", run_info)
+    except ImitationInterrupted:
+        run_info.update(status="interrupted", epochs=epoch)
+        _write_json(run_dir / "run.json", run_info)
+        raise
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish(quiet=True)
+    return run_info
+
+
+def load_imitation_run(run_dir: str | Path, device: str = "cpu") -> tuple[ImitationConfig, PixelPolicy]:
+    """The config and the final policy (``model.pt``; the newest checkpoint if the run did not finish)."""
+    run_dir = Path(run_dir)
+    cfg = ImitationConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    info = json.loads((run_dir / "run.json").read_text())
+    policy = _policy_for(cfg, info["meta"])
+    file = run_dir / "model.pt" if (run_dir / "model.pt").is_file() else run_dir / "checkpoint.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"{run_dir} has neither model.pt nor checkpoint.pt: no finished epoch yet")
+    state = th.load(file, map_location=_device(device), weights_only=False)["policy"]
+    policy.load_state_dict(state)
+    policy.to(_device(device)).eval()
+    return cfg, policy
+
+
+# ================================================================================================================
+# Evaluation
+# ================================================================================================================
+@dataclass
+class PerturbResult:
+    perturb: str
+    episodes: int
+    mean_return: float
+    std_return: float
+    returns: list[float] = field(repr=False)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_pixel_policy(
+    policy: PixelPolicy,
+    *,
+    perturb: str = "none",
+    episodes: int = 3,
+    seed: int = 0,
+    max_steps: int | None = None,
+) -> PerturbResult:
+    """Whole episodes of the pixel env (``perturb`` as :func:`envs.cheetah.parse_perturb`), seeded ``seed + i``,
+    the policy's state carried from step to step; the return is the env's reward summed over the episode."""
+    from envs.cheetah import make_pixel_cheetah
+
+    device = next(policy.parameters()).device
+    kwargs = {"max_episode_steps": max_steps} if max_steps else {}
+    env = make_pixel_cheetah(size=policy.size, frame_stack=policy.frame_stack, perturb=perturb, **kwargs)
+    returns = []
+    policy.eval()
+    try:
+        for i in range(episodes):
+            obs, _ = env.reset(seed=seed + i)
+            state, total, done = None, 0.0, False
+            while not done:
+                with th.no_grad():
+                    x = th.as_tensor(obs, device=device)[None, None]
+                    action, state, _ = policy(x, state)
+                obs, reward, terminated, truncated, _ = env.step(action[0, 0].cpu().numpy())
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+    finally:
+        env.close()
+    return PerturbResult(perturb, episodes, float(np.mean(returns)), float(np.std(returns)), returns, seed)

@@ -1,0 +1,223 @@
+"""Half-Cheetah imitation: the SAC expert, demonstrations, behaviour cloning with truncated BPTT, perturbed evaluation
+and the CLI around them (agents/experts.py, agents/imitation.py, rims_rl/cli_imitation.py), at tiny scale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3 import SAC
+
+import envs  # noqa: F401
+from agents.experts import ExpertSettings, evaluate_expert, load_expert, train_expert
+from agents.imitation import (
+    Demos,
+    PixelPolicy,
+    _Batches,
+    load_demos,
+    record_demos,
+    stack_index,
+    train_imitation,
+)
+from envs.cheetah import make_pixel_cheetah
+from rims_rl.cli import main
+from rims_rl.cli_imitation import DEFAULT_EXPERT
+from rims_rl.config import ImitationConfig
+
+TINY = {  # small enough for CI: a RIM of 8 units x 16 (4 active), a 32-unit GRU, narrow head
+    "rim": {"num_units": 8, "unit_size": 16, "k_active": 4, "input_key_size": 16, "comm_key_size": 8,
+            "comm_value_size": 8},
+    "hidden_size": 32, "head_size": 32, "seq_len": 10, "batch_size": 2, "val_episodes": 1, "eval_episodes": 0,
+    "wandb": {"mode": "disabled"}, "device": "cpu",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def untrained_expert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (untrained) SAC actor saved the way `rims-rl expert` saves it."""
+    path = tmp_path_factory.mktemp("expert") / "expert.pt"
+    SAC("MlpPolicy", gym.make("HalfCheetah-v5"), seed=0, device="cpu").policy.actor.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demos_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three 10-step episodes of a flailing cheetah (strong random torques, so the pose and the pictures change a
+    lot); the targets are what the pictures show: the joint angles, standardised and squashed into [-1, 1]."""
+    env = make_pixel_cheetah(frame_stack=1)
+    rng = np.random.default_rng(0)
+    frames, states = [], []
+    for episode in range(3):
+        obs, info = env.reset(seed=episode)
+        for _ in range(10):
+            frames.append(obs)
+            states.append(info["state"])
+            obs, _, _, _, info = env.step(rng.choice([-1.0, 1.0], 6))
+    env.close()
+    states = np.array(states, np.float32)
+    joints = states[:, 2:8]
+    demos = Demos(
+        frames=np.array(frames), actions=np.tanh((joints - joints.mean(0)) / joints.std(0)).astype(np.float32),
+        rewards=np.zeros(30, np.float32), states=states, episode_lengths=np.array([10, 10, 10]),
+        episode_returns=np.zeros(3), meta={"size": 64, "camera": "track"},
+    )  # fmt: skip
+    return demos.save(tmp_path_factory.mktemp("demos") / "demos.npz")
+
+
+def test_demos_round_trip(untrained_expert: Path, tmp_path: Path):
+    demos = record_demos(untrained_expert, 2, seed=3, max_steps=25)
+    assert demos.episodes == 2 and list(demos.episode_lengths) == [25, 25]
+    assert demos.frames.shape == (50, 64, 64, 3) and demos.frames.dtype == np.uint8
+    assert demos.actions.shape == (50, 6) and demos.states.shape == (50, 17)
+    np.testing.assert_allclose(demos.episode_returns, [demos.rewards[:25].sum(), demos.rewards[25:].sum()], rtol=1e-5)
+    # The expert acted on the true state: its actions are the actor's on the recorded states.
+    actor = load_expert(untrained_expert)
+    np.testing.assert_allclose(actor.predict(demos.states[7], deterministic=True)[0], demos.actions[7], atol=1e-6)
+    # The first frame of each episode is what the pixel env shows after a reset with that seed.
+    env = make_pixel_cheetah(frame_stack=1)
+    obs, _ = env.reset(seed=4)
+    np.testing.assert_array_equal(obs, demos.frames[25])
+    env.close()
+    path = demos.save(tmp_path / "d.npz")
+    back = load_demos(path)
+    for key in ("frames", "actions", "rewards", "states", "episode_lengths", "episode_returns"):
+        np.testing.assert_array_equal(getattr(back, key), getattr(demos, key))
+    assert back.meta["seed"] == 3 and back.meta["size"] == 64
+    assert path.stat().st_size < demos.frames.nbytes  # compressed
+
+
+def test_batches_stack_frames_like_the_env(demos_file: Path):
+    demos = load_demos(demos_file)
+    batches = _Batches(demos, np.arange(demos.episodes), 4, th.device("cpu"))
+    obs, target, valid = batches.window(np.array([1, 2]), 0, 6)
+    assert obs.shape == (6, 2, 64, 64, 12) and valid.all()
+    # Rebuild episode 1's stacks as PixelObservation does (channels = frames oldest first).
+    start = demos.starts[1]
+    idx = stack_index(10, 4)
+    for t in range(6):
+        expected = np.concatenate([demos.frames[start + i] for i in idx[t]], axis=-1)
+        np.testing.assert_array_equal(obs[t, 0].numpy(), expected)
+    np.testing.assert_array_equal(target[:, 0].numpy(), demos.actions[start : start + 6])
+    # A window past an episode's end is padded and masked out.
+    _, _, valid = batches.window(np.array([0]), 5, 10)
+    assert valid[:, 0].tolist() == [True] * 5 + [False] * 5
+
+
+@pytest.mark.parametrize("policy", ["rims", "gru", "lstm"])
+def test_policy_sequence_equals_step_by_step(policy: str):
+    cfg = ImitationConfig.model_validate({**TINY, "policy": policy, "rim": {**TINY["rim"], "dropout": 0.0}})
+    net = PixelPolicy(cfg, size=64, frame_stack=4, action_dim=6).eval()
+    obs = th.randint(0, 256, (5, 2, 64, 64, 12), dtype=th.uint8)
+    with th.no_grad():
+        whole, (h, _), masks = net(obs)
+        state, steps = None, []
+        for t in range(5):
+            a, state, _ = net(obs[t : t + 1], state)
+            steps.append(a)
+    th.testing.assert_close(whole, th.cat(steps), atol=1e-5, rtol=1e-5)
+    th.testing.assert_close(h, state[0], atol=1e-5, rtol=1e-5)
+    assert whole.shape == (5, 2, 6) and whole.abs().max() <= 1
+    if policy == "rims":
+        assert masks.shape == (5, 2, 8) and (masks.sum(-1) == 4).all()
+    else:
+        assert masks is None
+
+
+@pytest.mark.parametrize("policy", ["rims", "gru"])
+def test_behaviour_cloning_overfits_a_few_sequences(policy: str, demos_file: Path, tmp_path: Path):
+    """Two 10-step training episodes, one update per epoch: 150 updates bring the loss well below its start."""
+    cfg = ImitationConfig.model_validate(
+        {**TINY, "policy": policy, "demos": str(demos_file), "epochs": 150, "seq_len": 10, "learning_rate": 3e-3}
+    )
+    info = train_imitation(cfg, tmp_path / "run")
+    rows = th.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["history"]
+    first, last = rows[0]["train_loss"], rows[-1]["train_loss"]
+    assert last < 0.5 * first, (first, last)
+    assert all(np.isfinite(r["val_loss"]) for r in rows)
+    assert info["status"] == "finished" and info["epochs"] == 150
+    assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "progress.csv").is_file()
+
+
+def test_interrupted_imitation_resumes_where_it_stopped(demos_file: Path, tmp_path: Path):
+    from agents.imitation import ImitationInterrupted
+
+    cfg = ImitationConfig.model_validate({**TINY, "policy": "gru", "demos": str(demos_file), "epochs": 3})
+    straight = train_imitation(cfg, tmp_path / "a")
+
+    class StopIn:  # a SIGINT that arrives during the second epoch
+        def __init__(self) -> None:
+            self.calls, self.signal_name = 0, "SIGINT"
+
+        @property
+        def requested(self) -> bool:
+            self.calls += 1
+            return self.calls > 1
+
+    with pytest.raises(ImitationInterrupted):
+        train_imitation(cfg, tmp_path / "b", stop=StopIn())
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "interrupted"
+    resumed = train_imitation(cfg, tmp_path / "b", resume=True)
+    assert resumed["epochs"] == 3
+    assert resumed["final"]["train_loss"] == pytest.approx(straight["final"]["train_loss"], rel=1e-6)
+
+
+def test_cli_imitate_then_evaluate_with_and_without_perturbation(demos_file: Path, tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    sets = ["rim.num_units=4", "rim.unit_size=16", "rim.k_active=2", "seq_len=10", "batch_size=2", "head_size=32",
+            "eval_episodes=1", "eval_max_steps=30", "device=cpu"]  # fmt: skip
+    argv = ["imitate", "--demos", str(demos_file), "--policy", "rims", "--epochs", "1", "--wandb", "disabled"]
+    assert main([*argv, "--run-dir", str(run), *[a for s in sets for a in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert "none: return" in out and "joints: return" in out
+    data = json.loads((run / "perturb.json").read_text())
+    assert set(data) == {"none", "joints"} and data["joints"]["episodes"] == 1
+    assert main(["evaluate", str(run), "--perturb", "none,joints:0.5", "--episodes", "2", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["perturb"] for r in results] == ["none", "joints:0.5"] and all(len(r["returns"]) == 2 for r in results)
+    # The same episodes (seeds) without perturbation give the same returns: evaluation is deterministic.
+    assert results[0]["returns"][0] == pytest.approx(data["none"]["returns"][0], rel=1e-5)
+    assert main(["imitation-table", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "RIMs (k_T=4, k_A=2)" in table and "Paper (Table 6)" in table
+
+
+def test_cli_bad_input_is_one_line(demos_file: Path, tmp_path: Path, capsys):
+    cases = [
+        (["imitate", "--policy", "rims"], "--demos FILE is required"),
+        (["imitate", "--demos", str(tmp_path / "nope.npz")], "does not exist"),
+        (["imitate", "--demos", str(demos_file), "--set", "seqlen=5"], "did you mean 'seq_len'"),
+        (["demos", "--expert", str(tmp_path), "--out", str(tmp_path / "x.npz")], "no expert"),
+        (["evaluate", str(tmp_path), "--perturb", "joints"], "--perturb evaluates"),
+        (["train", "--env", "HalfCheetahPixels-v0"], "rims-rl imitate"),
+        (["expert", "--env", "CartPole-v1", "--total-timesteps", "10", "--run-dir", str(tmp_path / "e")], "continuous"),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, argv
+        assert expected in err and err.count("\n") == 1, (argv, err)
+
+
+def test_expert_trains_saves_the_actor_and_resumes(tmp_path: Path):
+    settings = ExpertSettings(total_timesteps=300, eval_freq=200, eval_episodes=1, checkpoint_every=100, device="cpu")
+    summary = train_expert(settings, tmp_path, progress=False)
+    assert summary["timesteps"] == 300 and summary["finished"] and summary["episodes"] == 10
+    actor = load_expert(tmp_path)
+    assert actor.predict(np.zeros(17, np.float32), deterministic=True)[0].shape == (6,)
+    settings.total_timesteps = 500
+    again = train_expert(settings, tmp_path, resume=True, progress=False)
+    assert again["timesteps"] == 500
+    with np.load(tmp_path / "evaluations.npz") as ev:
+        assert list(ev["timesteps"]) == [200, 400]
+
+
+def test_shipped_expert_scores_its_recorded_return():
+    record = json.loads(DEFAULT_EXPERT.with_suffix(".json").read_text())
+    actor = load_expert(DEFAULT_EXPERT)
+    returns = evaluate_expert(actor, "HalfCheetah-v5", episodes=2, seed=123)
+    assert np.mean(returns) > 0.8 * record["return_mean"] > 0
