@@ -197,12 +197,21 @@ class WorldModelsEncoder(nn.Module):
             layers += [nn.Conv2d(channels, out, 4, stride=2), nn.ReLU()]
             channels = out
         self.net = nn.Sequential(*layers, nn.Flatten())
+        self.norm: nn.Module = nn.Identity()
+        for layer in self.net:
+            # Orthogonal with ReLU gain, as SB3 initialises its CNNs. PyTorch's default init shrinks the activations
+            # at every ReLU layer: after four, features were ~1e-2, too small for a RIM's input attention to tell
+            # inputs apart (the same units won at every step and behaviour cloning did not move off the mean action).
+            if isinstance(layer, nn.Conv2d):
+                nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+                nn.init.zeros_(layer.bias)
         with th.no_grad():
             self.features_dim = int(self.net(th.zeros(1, in_channels, size, size)).shape[1])
+        self.norm = nn.LayerNorm(self.features_dim)
 
     def forward(self, images: th.Tensor) -> th.Tensor:
         """``(B, S, S, C)`` uint8 channel-last -> ``(B, features_dim)``."""
-        return self.net(images.permute(0, 3, 1, 2).float() / 255.0)
+        return self.norm(self.net(images.permute(0, 3, 1, 2).float() / 255.0))
 
 
 class PixelPolicy(nn.Module):
@@ -511,7 +520,7 @@ def train_imitation(
         raise
     finally:
         if wandb_run is not None:
-            wandb_run.finish(quiet=True)
+            wandb_run.finish()
     return run_info
 
 
