@@ -131,8 +131,9 @@ def test_policy_sequence_equals_step_by_step(policy: str):
 def test_behaviour_cloning_overfits_a_few_sequences(policy: str, demos_file: Path, tmp_path: Path):
     """Two 10-step training episodes, one update per epoch: 150 updates bring the loss well below its start.
 
-    The RIM core is left out: at this budget it does not fit these frames (loss 0.43 -> 0.40; with the input
-    attention switched off it fits), an open problem recorded in the README's imitation section."""
+    The RIM core is left out: it starts fitting later than the GRU (in the real run, after ~40 updates where the GRU
+    needed ~10; see the README's imitation section), and within 150 updates on these frames it does not reliably
+    halve its loss (0.43 -> 0.40 measured)."""
     cfg = ImitationConfig.model_validate(
         {**TINY, "policy": policy, "demos": str(demos_file), "epochs": 150, "seq_len": 10, "learning_rate": 3e-3}
     )
