@@ -363,12 +363,6 @@ def _sweep(
     return total / max(count, 1), windows
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _policy_for(cfg: ImitationConfig, meta: dict[str, Any]) -> PixelPolicy:
     return PixelPolicy(cfg, size=meta["size"], frame_stack=meta["frame_stack"], action_dim=meta["action_dim"])
 
@@ -387,6 +381,7 @@ def train_imitation(
     current epoch is abandoned and :class:`ImitationInterrupted` is raised (finished epochs are in the checkpoint).
     Returns the final summary (also in ``run.json``).
     """
+    from agents.training import _write_json
     from rims_rl.tracking import start_wandb
 
     demos = load_demos(cfg.demos)
