@@ -8,8 +8,18 @@ import math
 import pytest
 import torch
 
+import rims_rl.rim
 from rims_rl.rim import RIM
 from tests.rim_reference import reference_forward
+
+
+@pytest.fixture(autouse=True, params=["per-step", "projected"])
+def vector_input_path(request, monkeypatch):
+    """Every test runs both ways a single input vector can go: per-step query and input-to-gate products, or the
+    step-independent projections (``_VectorProjections``; chosen by sizes in use, forced here)."""
+    monkeypatch.setattr(rims_rl.rim, "PROJECT_VECTOR_INPUT", request.param == "projected")
+    return request.param
+
 
 K, H, D = 5, 6, 7
 
@@ -314,3 +324,13 @@ def test_a_dropped_unit_is_never_active_and_its_state_stays_zero(input_attention
     rim.dropped_units = (5,)
     with torch.no_grad(), pytest.raises(ValueError, match=r"dropped_units must be unit indices in \[0, 5\)"):
         rim(x, state)
+
+
+def test_the_projected_path_is_chosen_for_long_sequences_of_few_samples(monkeypatch):
+    monkeypatch.setattr(rims_rl.rim, "PROJECT_VECTOR_INPUT", None)
+    choose = rims_rl.rim._project_vector_input
+    # Atari: RIM 6 x 100, keys 64, values 100 per head, LSTM gates 400; PPO minibatches of two 128-step sequences.
+    assert choose(L=128, B=2, H=100, dk=64, dv=100, G=400)
+    assert not choose(L=1, B=8, H=100, dk=64, dv=100, G=400)  # a rollout step
+    assert not choose(L=128, B=8, H=100, dk=64, dv=100, G=400)
+    assert not choose(L=16, B=32, H=32, dk=16, dv=32, G=128)  # CartPoleNoVel minibatches
