@@ -478,47 +478,42 @@ def _run_loop(
             active = all_active
         else:
             assert keys is not None and values is not None
-            if cfg.mode == "projected":
-                # N = 1 through the step-independent projections (see _VectorProjections): softmax over {null, x}
-                # where the null score is exactly 0, so the weight on x is sigmoid(score).
-                assert proj is not None
-                hb = h.reshape(K * B, 1, H)
-                p = torch.sigmoid(torch.baddbmm(proj.score_bias[t], hb, proj.score_weight[t])).view(K, B, Hi)
+            if cfg.mode == "set":
+                q = torch.baddbmm(bq, h, wq).view(K, B, Hi, dk)
+                scores = torch.matmul(q.permute(1, 2, 0, 3), keys[t])  # (B, Hi, K, N)
+                a = torch.softmax(F.pad(scores, (1, 0)), dim=-1)  # the null score, 0, in column 0
+                attention = a.mean(1).transpose(0, 1)  # (K, B, N+1)
+                attentions.append(attention)
+                on_input = -attention[..., 0]
+                a_read = a[..., 1:]
+                if drop > 0:
+                    rec["drop_in"] = _dropout_mask(a_read, drop)
+                    a_read = a_read * rec["drop_in"]
+                read = torch.matmul(a_read, values[t]).permute(2, 0, 1, 3).reshape(K, B, -1)  # (K, B, Hi*dv)
+                gx = torch.baddbmm(bih, read, wih)
+                rec.update(q=q, a=a, a_read=a_read, read=read)
+            else:
+                # N = 1: softmax over {null, x} where the null score is exactly 0, so the weight on x is sigmoid(score).
+                if cfg.mode == "projected":  # through the step-independent projections (see _VectorProjections)
+                    assert proj is not None
+                    hb = h.reshape(K * B, 1, H)
+                    p = torch.sigmoid(torch.baddbmm(proj.score_bias[t], hb, proj.score_weight[t])).view(K, B, Hi)
+                else:
+                    q = torch.baddbmm(bq, h, wq).view(K, B, Hi, dk)
+                    p = torch.sigmoid((q * keys[t]).sum(-1))  # (K, B, Hi)
+                    rec["q"] = q
                 on_input = p.mean(-1)  # (K, B) = 1 - null attention
                 attentions.append(on_input)
                 p_read = p
                 if drop > 0:
                     rec["drop_in"] = _dropout_mask(p, drop)
                     p_read = p * rec["drop_in"]
-                gx = torch.baddbmm(proj.gate_bias, p_read.view(K * B, 1, Hi), proj.gates[t]).view(K, B, -1)
-                rec.update(p=p, p_read=p_read)
-            else:
-                q = torch.baddbmm(bq, h, wq).view(K, B, Hi, dk)
-                if cfg.mode == "vector":
-                    # Softmax over {null, x} where the null score is exactly 0: the weight on x is sigmoid(score).
-                    p = torch.sigmoid((q * keys[t]).sum(-1))  # (K, B, Hi)
-                    on_input = p.mean(-1)  # (K, B) = 1 - null attention
-                    attentions.append(on_input)
-                    p_read = p
-                    if drop > 0:
-                        rec["drop_in"] = _dropout_mask(p, drop)
-                        p_read = p * rec["drop_in"]
-                    read = (p_read.unsqueeze(-1) * values[t]).reshape(K, B, -1)
-                    rec.update(q=q, p=p, p_read=p_read)
+                if cfg.mode == "projected":
+                    gx = torch.baddbmm(proj.gate_bias, p_read.view(K * B, 1, Hi), proj.gates[t]).view(K, B, -1)
                 else:
-                    scores = torch.matmul(q.permute(1, 2, 0, 3), keys[t])  # (B, Hi, K, N)
-                    a = torch.softmax(F.pad(scores, (1, 0)), dim=-1)  # the null score, 0, in column 0
-                    attention = a.mean(1).transpose(0, 1)  # (K, B, N+1)
-                    attentions.append(attention)
-                    on_input = -attention[..., 0]
-                    a_read = a[..., 1:]
-                    if drop > 0:
-                        rec["drop_in"] = _dropout_mask(a_read, drop)
-                        a_read = a_read * rec["drop_in"]
-                    read = torch.matmul(a_read, values[t]).permute(2, 0, 1, 3).reshape(K, B, -1)  # (K, B, Hi*dv)
-                    rec.update(q=q, a=a, a_read=a_read)
-                gx = torch.baddbmm(bih, read, wih)
-                rec["read"] = read
+                    rec["read"] = read = (p_read.unsqueeze(-1) * values[t]).reshape(K, B, -1)
+                    gx = torch.baddbmm(bih, read, wih)
+                rec.update(p=p, p_read=p_read)
             if cfg.k_active == K:
                 active = all_active
             else:  # the k_A units with the least attention on the null element
