@@ -616,7 +616,7 @@ class _RIMSequence(torch.autograd.Function):
         # (input, output-gradient) pairs of each per-unit weight, over all steps
         pairs: dict[str, tuple[list[Tensor], list[Tensor]]] = {n: ([], []) for n in ("q", "ih", "hh", "qkv", "out")}
         d_keys, d_values, d_gates_x = [], [], []
-        d_vector_scores: list[Tensor] = []  # vector mode: per step (K, B, Hi), in reverse time order
+        d_vector_scores: list[Tensor] = []  # projected mode: per step (K, B, Hi), in reverse time order
 
         for t in reversed(range(L)):
             rec = tape[t]
