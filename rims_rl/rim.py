@@ -14,6 +14,7 @@ This module imports only torch: it can be used outside reinforcement learning.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -182,6 +183,7 @@ class RIM(nn.Module):
         self.dropout = float(dropout)
         self.input_attention = bool(input_attention)
         self.communication = bool(communication)
+        self._derived_cache: dict[str, tuple[list[tuple[Tensor, int]], Any]] = {}
         self.dropped_units: tuple[int, ...] = ()
         """Units removed at test time (ablation, §4.4): never active, state held at zero. Set it directly (indices
         in ``[0, num_units)``); only runs without gradient (``torch.no_grad()``), e.g. in evaluation."""
@@ -260,6 +262,20 @@ class RIM(nn.Module):
             s += f", dropped_units={self.dropped_units}"
         return s
 
+    def _derived(self, name: str, sources: tuple[Tensor | None, ...], make: Callable[[], Any]) -> Any:
+        """Tensors derived from parameters (folded or merged weights): under autograd made at every call; without
+        gradient (rollouts, evaluation) kept until one of ``sources`` is replaced or changed in place."""
+        if torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            return make()
+        stamp = [(t, t._version) for t in sources if t is not None]
+        hit = self._derived_cache.get(name)
+        if hit is not None and len(hit[0]) == len(stamp):
+            if all(a is b and u == v for (a, u), (b, v) in zip(hit[0], stamp, strict=True)):
+                return hit[1]
+        value = make()
+        self._derived_cache[name] = (stamp, value)
+        return value
+
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """Zero state ``(h_0, c_0)``, each ``(batch_size, K * H)``."""
         device = device if device is not None else self.weight_hh.device
@@ -302,26 +318,39 @@ class RIM(nn.Module):
         # ---- Step-independent work, once for the whole sequence (§2.3: keys and values of the input set) -----
         Hi, dk = self.input_heads, self.input_key_size
         dv = self.input_value_size // Hi
-        values = self.input_value(x)  # (L, B, N, Hi*dv); the null element's value is zero and is left out
-        keys = gates_x = None
+        G = self.weight_ih.shape[-1]
+        weights = (
+            self.query_weight, self.query_bias, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh,
+            self.comm_qkv, self.comm_out, self.comm_out_bias,
+        )  # fmt: skip
+        keys = values = gates_x = None
         mode = "none" if not self.input_attention else ("vector" if N == 1 else "set")
-        if mode == "none":
+        loop_mode, loop_dk = mode, dk
+        path = _vector_input_path(L, B, x.shape[-1], H, dk, dv, G) if mode == "vector" else None
+        if path == "folded":
+            # Keys and values are linear in x (no bias), so the key projection folds into the query weights and the
+            # value projection into the input-to-gate weights (see _fold_input); the loop then reads x itself.
+            keys = values = x.expand(L, B, Hi, x.shape[-1])
+            folded = self._derived("folded", (*weights[:3], self.input_key.weight, self.input_value.weight),
+                                   lambda: _fold_input(self, x.shape[-1]))  # fmt: skip
+            weights = (*folded, *weights[3:])
+            loop_mode, loop_dk = "vector", x.shape[-1]
+        elif mode == "none":
             # Every unit reads the mean of the input values (uniform attention over the real elements); the read
             # does not depend on the state, so the input side of the dynamics is computed for all steps at once.
-            gates_x = torch.einsum("lbv,kvg->lkbg", values.mean(dim=2), self.weight_ih) + self.bias_ih
-            values = None
+            gates_x = torch.einsum("lbv,kvg->lkbg", self.input_value(x).mean(dim=2), self.weight_ih) + self.bias_ih
         else:
             assert self.input_key is not None
+            values = self.input_value(x)  # (L, B, N, Hi*dv); the null element's value is zero and is left out
             keys = self.input_key(x) * (1.0 / math.sqrt(dk))
             if mode == "vector":
                 keys, values = keys.view(L, B, Hi, dk), values.view(L, B, Hi, dv)
+                if path == "projected":
+                    loop_mode = "projected"
             else:
                 keys = keys.view(L, B, N, Hi, dk).permute(0, 1, 3, 4, 2)  # (L, B, Hi, dk, N)
                 values = values.view(L, B, N, Hi, dv).transpose(2, 3)  # (L, B, Hi, N, dv)
 
-        loop_mode = mode
-        if mode == "vector" and _project_vector_input(L, B, H, dk, dv, self.weight_ih.shape[-1]):
-            loop_mode = "projected"
         dropped = tuple(sorted(set(self.dropped_units)))
         if dropped:
             if any(not 0 <= j < K for j in dropped):
@@ -330,17 +359,18 @@ class RIM(nn.Module):
                 raise ValueError("dropped_units is a test-time ablation: run the RIM under torch.no_grad()")
         cfg = _LoopConfig(
             mode=loop_mode, cell=self.cell, k_active=self.k_active, dropout=self.dropout if self.training else 0.0,
-            heads=Hi, key_size=dk, comm_heads=self.comm_heads, comm_key_size=self.comm_key_size,
+            heads=Hi, key_size=loop_dk, comm_heads=self.comm_heads, comm_key_size=self.comm_key_size,
             comm_value_size=self.comm_value_size, communication=self.communication, dropped=dropped,
-        )  # fmt: skip
-        weights = (
-            self.query_weight, self.query_bias, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh,
-            self.comm_qkv, self.comm_out, self.comm_out_bias,
         )  # fmt: skip
         if torch.is_grad_enabled():
             outputs, h_n, c_n, masks, attention = _RIMSequence.apply(cfg, keys, values, gates_x, h0, c0, keep, *weights)
         else:
-            outputs, h_n, c_n, masks, attention, _ = _run_loop(cfg, keys, values, gates_x, h0, c0, keep, weights)
+            merged = None
+            if loop_mode in ("vector", "set"):  # rollouts: one step per call, the same weights until an update
+                merged = self._derived("merged", weights[:6], lambda: _merge_state_weights(cfg, weights))
+            outputs, h_n, c_n, masks, attention = _run_loop(
+                cfg, keys, values, gates_x, h0, c0, keep, weights, merged_weights=merged
+            )
 
         output = outputs.permute(0, 2, 1, 3).reshape(L, B, K * H)
         h_n = h_n.transpose(0, 1).reshape(B, K * H)
@@ -394,19 +424,62 @@ class _VectorProjections(NamedTuple):
     gate_bias: Tensor  # (K*B, 1, G): b_ih for every sample
 
 
-PROJECT_VECTOR_INPUT: bool | None = None
-"""Whether a single input vector (N = 1) goes through :class:`_VectorProjections`: None (default) decides by the
-sizes (:func:`_project_vector_input`); True or False forces it (tests check both ways against the reference)."""
+VECTOR_INPUT_PATH: str | None = None
+"""How a single input vector (N = 1) is attended: None (default) decides by the sizes (:func:`_vector_input_path`);
+"per-step", "projected" or "folded" forces it (tests check every path against the reference)."""
+_VECTOR_INPUT_PATHS = ("per-step", "projected", "folded")
 
 
-def _project_vector_input(L: int, B: int, H: int, dk: int, dv: int, G: int) -> bool:
-    """The projected path computes as many products as the per-step one, in one batched product instead of one per
-    step; it pays when the per-step weights it stops reading (``dv x G`` and ``H x dk`` per head and unit) are large
-    against what it reads instead (``B x (G + H)``): long sequences of few samples, as PPO minibatches of a few
-    128-step sequences on Atari (measured 1.17x at B = 2, 1.05x at B = 4, 0.93x at B = 8 for the Atari sizes)."""
-    if PROJECT_VECTOR_INPUT is not None:
-        return PROJECT_VECTOR_INPUT
-    return L > 1 and dv * G + H * dk >= 24 * B * (G + H)
+def _vector_input_path(L: int, B: int, D: int, H: int, dk: int, dv: int, G: int) -> str:
+    """Three ways to compute the same input attention over one vector (per unit and head):
+
+    * "per-step": per step, queries ``h W_q`` (``H x dk``) against the keys, and the read values through ``W_ih``
+      (``dv x G``);
+    * "folded" (:func:`_fold_input`): the keys' and values' projections folded into those weights, so a step
+      works on the input itself (``H x D`` and ``D x G``); it pays for small inputs (``D`` below the key and value
+      sizes), as the 2 observation numbers of CartPoleNoVel;
+    * "projected" (:class:`_VectorProjections`): as many products as "per-step", in one batched product for all
+      steps instead of one per step; it pays when the per-step weights it stops reading are large against what it
+      reads instead (``B x (G + H)``): long sequences of few samples, as PPO minibatches of a few 128-step
+      sequences on Atari (measured 1.17x at B = 2, 1.05x at B = 4, 0.93x at B = 8 for the Atari sizes).
+    """
+    if VECTOR_INPUT_PATH is not None:
+        return VECTOR_INPUT_PATH
+    if D * (H + G) < dk * H + dv * G:
+        return "folded"
+    if L > 1 and dv * G + H * dk >= 24 * B * (G + H):
+        return "projected"
+    return "per-step"
+
+
+def _merge_state_weights(cfg: _LoopConfig, weights: tuple[Tensor | None, ...]) -> tuple[Tensor, Tensor]:
+    """``[W_q | W_hh]`` ``(K, H, Hi*dk + G)`` and its bias (``b_ih`` of an LSTM, ``b_hh`` of a GRU): a unit's queries
+    and the recurrent input of its gates in one product of its state (modes "vector" and "set")."""
+    wq, bq, _, bih, whh, bhh = weights[:6]
+    assert wq is not None and bq is not None and whh is not None
+    bias = bih if cfg.cell == "lstm" else bhh
+    assert bias is not None
+    return torch.cat([wq, whh], dim=-1), torch.cat([bq, bias], dim=-1)
+
+
+def _fold_input(rim: RIM, D: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Query and input-to-gate weights acting on the input vector itself (autograd carries their gradients back).
+
+    With ``key_h = x W_k,h / sqrt(dk)`` and ``value_h = x W_v,h`` (no bias), unit ``k``'s score for head ``h`` is
+    ``(h_k W_q,kh + b_q,kh) . key_h = (h_k A_kh + a_kh) . x`` with ``A_kh = W_q,kh W_k,h^T / sqrt(dk)`` (``H x D``),
+    and its read ``p_kh value_h`` enters the gates as ``(p_kh x) M_kh`` with ``M_kh = W_v,h^T W_ih,kh``
+    (``D x G``). Returns ``A`` ``(K, H, Hi*D)``, ``a`` ``(K, 1, Hi*D)`` and ``M`` ``(K, Hi*D, G)``.
+    """
+    assert rim.input_key is not None and rim.query_weight is not None and rim.query_bias is not None
+    K, H, Hi, dk = rim.num_units, rim.unit_size, rim.input_heads, rim.input_key_size
+    dv = rim.input_value_size // Hi
+    G = rim.weight_ih.shape[-1]
+    w_key = rim.input_key.weight.view(Hi, dk, D) * (1.0 / math.sqrt(dk))
+    w_value = rim.input_value.weight.view(Hi, dv, D)
+    A = torch.einsum("kjhe,hed->kjhd", rim.query_weight.view(K, H, Hi, dk), w_key).reshape(K, H, Hi * D)
+    a = torch.einsum("khe,hed->khd", rim.query_bias.view(K, Hi, dk), w_key).reshape(K, 1, Hi * D)
+    M = torch.einsum("hvd,khvg->khdg", w_value, rim.weight_ih.view(K, Hi, dv, G)).reshape(K, Hi * D, G)
+    return A, a, M
 
 
 def _vector_projections(keys: Tensor, values: Tensor, weights: tuple[Tensor | None, ...]) -> _VectorProjections:
@@ -422,6 +495,23 @@ def _vector_projections(keys: Tensor, values: Tensor, weights: tuple[Tensor | No
     return _VectorProjections(score_weight, score_bias, gates, bih.expand(K, B, G).reshape(K * B, 1, G))
 
 
+_tanh_backward = torch.ops.aten.tanh_backward.grad_input  # (grad, tanh output, *, grad_input=out): grad * (1 - y^2)
+_tanh_backward_new = torch.ops.aten.tanh_backward.default
+_sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # grad * y * (1 - y)
+
+
+class _Tape:
+    """What the forward loop keeps for the backward: per-step tensors, and per-sequence buffers ``(K, L, B, .)``
+    holding the inputs of each per-unit weight at every step (so each weight gradient is one product afterwards)."""
+
+    def __init__(self, K: int, L: int, B: int, H: int, like: Tensor, read_size: int, comm_in: int | None) -> None:
+        self.steps: list[dict[str, Any]] = []
+        self.h_in = like.new_empty(K, L, B, H)  # the state entering each step (after resets)
+        self.read = like.new_empty(K, L, B, read_size) if read_size else None  # what each unit read
+        self.h1 = like.new_empty(K, L, B, H) if comm_in else None  # the state entering communication
+        self.rc = like.new_empty(K, L, B, comm_in) if comm_in else None  # what each unit read from the others
+
+
 def _run_loop(
     cfg: _LoopConfig,
     keys: Tensor | None,
@@ -431,22 +521,28 @@ def _run_loop(
     c: Tensor | None,
     keep: Tensor | None,
     weights: tuple[Tensor | None, ...],
-    tape: list[dict[str, Any]] | None = None,
+    tape: _Tape | None = None,
     proj: _VectorProjections | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, list[dict[str, Any]] | None]:
+    merged_weights: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """Run the RIM over a sequence (no autograd). With ``tape``, record what the backward pass needs.
 
     ``h``, ``c`` are ``(K, B, H)``. Returns outputs ``(L, K, B, H)``, ``h_n``, ``c_n``, activation masks
-    ``(L, K, B)``, the attention that decided them (vector: ``(L, K, B)`` on the input; set: ``(L, K, B, N+1)``;
-    none: None) and the tape.
+    ``(L, K, B)`` and the attention that decided them (vector: ``(L, K, B)`` on the input; set: ``(L, K, B, N+1)``;
+    none: None).
+
+    With input attention over a single vector (mode "vector") or a set, a unit's queries and its recurrent gate
+    inputs are both products of its state: they are computed by one product with ``[W_q | W_hh]``.
     """
-    wq, bq, wih, bih, whh, bhh, wqkv, wout, bout = weights
+    wq, _, wih, bih, whh, bhh, wqkv, wout, bout = weights
     K, B, H = h.shape
     L = (keys if keys is not None else gates_x_all).shape[0]  # type: ignore[union-attr]
     Hi, dk = cfg.heads, cfg.key_size
     Hc, ck, cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
     drop = cfg.dropout
     lstm = cfg.cell == "lstm"
+    mode = cfg.mode
+    merged = mode in ("vector", "set")
     reset_steps = (keep != 1).flatten(1).any(1).tolist() if keep is not None else [False] * L
     all_active = torch.ones(K, B, dtype=torch.bool, device=h.device)
     no_winner = torch.zeros(K, B, dtype=torch.bool, device=h.device)
@@ -457,9 +553,15 @@ def _run_loop(
         all_active = all_active & (alive[..., 0] > 0)
         h = h * alive
         c = c * alive if c is not None else None
-    if cfg.mode == "projected" and proj is None:
+    if mode == "projected" and proj is None:
         assert keys is not None and values is not None
         proj = _vector_projections(keys, values, weights)
+    if merged:
+        assert wq is not None
+        dq = wq.shape[-1]
+        w_h, b_h = merged_weights if merged_weights is not None else _merge_state_weights(cfg, weights)
+    zero = h.new_zeros(())  # the ignored addend of baddbmm(beta=0)
+    scale = 1.0 / math.sqrt(ck)
     outputs, masks, attentions = [], [], []
     for t in range(L):
         rec: dict[str, Any] = {}
@@ -469,17 +571,26 @@ def _run_loop(
             if c is not None:
                 c = c * keep[t]
             rec["reset"] = True
-        rec["h"], rec["c"] = h, c
+        if tape is not None:
+            tape.h_in[:, t].copy_(h)
+            rec["c"] = c
+            if not lstm:
+                rec["h"] = h
 
         # ---- 1-2. Input attention and selection (§2.3) ----------------------------------------------------------
-        if cfg.mode == "none":
+        gx = gh = None
+        if merged:
+            hz = torch.baddbmm(b_h, h, w_h)  # (K, B, Hi*dk + G): queries | recurrent gate inputs (with bias)
+            q = hz[..., :dq].view(K, B, Hi, dk)
+            gh = hz[..., dq:]
+        if mode == "none":
             assert gates_x_all is not None
             gx = gates_x_all[t]
             active = all_active
         else:
             assert keys is not None and values is not None
-            if cfg.mode == "set":
-                q = torch.baddbmm(bq, h, wq).view(K, B, Hi, dk)
+            read_out = tape.read[:, t] if tape is not None and tape.read is not None else None
+            if mode == "set":
                 scores = torch.matmul(q.permute(1, 2, 0, 3), keys[t])  # (B, Hi, K, N)
                 a = torch.softmax(F.pad(scores, (1, 0)), dim=-1)  # the null score, 0, in column 0
                 attention = a.mean(1).transpose(0, 1)  # (K, B, N+1)
@@ -489,31 +600,35 @@ def _run_loop(
                 if drop > 0:
                     rec["drop_in"] = _dropout_mask(a_read, drop)
                     a_read = a_read * rec["drop_in"]
-                read = torch.matmul(a_read, values[t]).permute(2, 0, 1, 3).reshape(K, B, -1)  # (K, B, Hi*dv)
-                gx = torch.baddbmm(bih, read, wih)
-                rec.update(q=q, a=a, a_read=a_read, read=read)
+                r = torch.matmul(a_read, values[t]).permute(2, 0, 1, 3)  # (K, B, Hi, dv)
+                read = read_out.view(r.shape).copy_(r) if read_out is not None else r.reshape(K, B, -1)
+                read = read.reshape(K, B, -1)
+                rec.update(q=q, a=a, a_read=a_read)
             else:
                 # N = 1: softmax over {null, x} where the null score is exactly 0, so the weight on x is sigmoid(score).
-                if cfg.mode == "projected":  # through the step-independent projections (see _VectorProjections)
+                if mode == "projected":  # through the step-independent projections (see _VectorProjections)
                     assert proj is not None
                     hb = h.reshape(K * B, 1, H)
                     p = torch.sigmoid(torch.baddbmm(proj.score_bias[t], hb, proj.score_weight[t])).view(K, B, Hi)
                 else:
-                    q = torch.baddbmm(bq, h, wq).view(K, B, Hi, dk)
                     p = torch.sigmoid((q * keys[t]).sum(-1))  # (K, B, Hi)
-                    rec["q"] = q
                 on_input = p.mean(-1)  # (K, B) = 1 - null attention
                 attentions.append(on_input)
                 p_read = p
                 if drop > 0:
                     rec["drop_in"] = _dropout_mask(p, drop)
                     p_read = p * rec["drop_in"]
-                if cfg.mode == "projected":
+                if mode == "projected":
                     gx = torch.baddbmm(proj.gate_bias, p_read.view(K * B, 1, Hi), proj.gates[t]).view(K, B, -1)
                 else:
-                    rec["read"] = read = (p_read.unsqueeze(-1) * values[t]).reshape(K, B, -1)
-                    gx = torch.baddbmm(bih, read, wih)
+                    out = read_out.view(K, B, Hi, -1) if read_out is not None else None
+                    read = torch.mul(p_read.unsqueeze(-1), values[t], out=out).view(K, B, -1)
                 rec.update(p=p, p_read=p_read)
+            if merged:
+                if lstm:  # gates = b_ih + h W_hh + read W_ih
+                    gh = torch.baddbmm(gh, read, wih)
+                else:
+                    gx = torch.baddbmm(bih, read, wih)
             if cfg.k_active == K:
                 active = all_active
             else:  # the k_A units with the least attention on the null element
@@ -524,53 +639,62 @@ def _run_loop(
                 if alive is not None:  # fewer units left than k_A: the dropped ones still stay inactive
                     active = active & all_active
         m = active.unsqueeze(-1)
-        rec["m"] = m
+        if tape is not None:
+            rec["mf"] = m.to(h.dtype)
 
         # ---- 3. Independent dynamics (§2.1): all units computed, the losers' state kept exactly -----------------
+        h1_out = tape.h1[:, t] if tape is not None and tape.h1 is not None else None
         if lstm:
             assert c is not None
-            gates = torch.baddbmm(gx, h, whh)
+            gates = gh if merged else torch.baddbmm(gx, h, whh)
             ifo = torch.sigmoid(gates[..., : 3 * H])
             g = torch.tanh(gates[..., 3 * H :])
             i, f, o = ifo.split(H, dim=-1)
             c_new = torch.addcmul(f * c, i, g)
             tanh_c = torch.tanh(c_new)
-            h1 = torch.where(m, o * tanh_c, h)
+            h1 = torch.where(m, o * tanh_c, h, out=h1_out)
             c = torch.where(m, c_new, c)
             rec.update(ifo=ifo, g=g, tanh_c=tanh_c)
         else:
-            gh = torch.baddbmm(bhh, h, whh)
+            assert gx is not None
+            if not merged:
+                gh = torch.baddbmm(bhh, h, whh)
+            assert gh is not None
             rz = torch.sigmoid(gx[..., : 2 * H] + gh[..., : 2 * H])
             r, z = rz.split(H, dim=-1)
             gh_n = gh[..., 2 * H :]
             n = torch.tanh(torch.addcmul(gx[..., 2 * H :], r, gh_n))
-            h1 = torch.where(m, torch.addcmul(n, z, h - n), h)  # (1 - z) * n + z * h
+            h1 = torch.where(m, torch.addcmul(n, z, h - n), h, out=h1_out)  # (1 - z) * n + z * h
             rec.update(rz=rz, n=n, gh_n=gh_n)
 
         # ---- 4. Communication (§2.4): active units read all units; gated, squashed residual ---------------------
         if cfg.communication:
             qkv = torch.bmm(h1, wqkv).view(K, B * Hc, 2 * ck + cv).transpose(0, 1)  # (B*Hc, K, 2ck+cv)
             q2, k2, v2 = qkv.split((ck, ck, cv), dim=-1)
-            ac = torch.softmax(torch.bmm(q2, k2.transpose(1, 2)).mul_(1.0 / math.sqrt(ck)), dim=-1)  # (B*Hc, K, K)
-            ac_read = ac
+            # Scores key-major, (B*Hc, K keys, K queries), normalised over dim 1: softmax over a size-K last dim is
+            # ~3x slower on CPU.
+            ac_t = torch.softmax(torch.baddbmm(zero, k2, q2.transpose(1, 2), beta=0.0, alpha=scale), dim=1)
+            ac_read = ac_t.transpose(1, 2)  # (B*Hc, K queries, K keys)
             if drop > 0:
-                rec["drop_c"] = _dropout_mask(ac, drop)
-                ac_read = ac * rec["drop_c"]
-            rc = torch.bmm(ac_read, v2).transpose(0, 1).reshape(K, B, Hc * cv)
+                rec["drop_c"] = _dropout_mask(ac_read, drop)
+                ac_read = ac_read * rec["drop_c"]
+            rc4 = torch.bmm(ac_read, v2).view(B, Hc, K, cv).permute(2, 0, 1, 3)
+            rc = tape.rc[:, t] if tape is not None and tape.rc is not None else h.new_empty(K, B, Hc * cv)
+            rc.view(K, B, Hc, cv).copy_(rc4)
             pre = torch.baddbmm(bout, rc, wout)
             update = torch.tanh(pre[..., :H])
             gate = torch.sigmoid(pre[..., H:])
             h2 = torch.where(m, torch.addcmul(h1, gate, update), h1)
-            rec.update(h1=h1, q2=q2, k2=k2, v2=v2, ac=ac, ac_read=ac_read, rc=rc, update=update, gate=gate)
+            rec.update(q2=q2, k2=k2, v2=v2, ac_t=ac_t, ac_read=ac_read, update=update, gate=gate)
         else:
             h2 = h1
         h = h2
         outputs.append(h)
         masks.append(active)
         if tape is not None:
-            tape.append(rec)
+            tape.steps.append(rec)
     attention_out = torch.stack(attentions) if attentions else None
-    return torch.stack(outputs), h, c, torch.stack(masks), attention_out, tape
+    return torch.stack(outputs), h, c, torch.stack(masks), attention_out
 
 
 class _RIMSequence(torch.autograd.Function):
@@ -578,15 +702,19 @@ class _RIMSequence(torch.autograd.Function):
 
     Per-step autograd would record ~40 small ops per step and compute every weight gradient once per step (a
     product contracted over the batch only, memory-bound for small batches). Here the backward loop computes only
-    the activation gradients per step and keeps (input, output-gradient) pairs; each weight gradient is then one
-    batched matmul over all steps, as fused RNN kernels do. Tests check it against a naive autograd reference.
+    the activation gradients per step, written into per-sequence buffers ``(K, L, B, .)``; each weight gradient is
+    then one batched matmul over all steps, as fused RNN kernels do. Tests check it against a naive autograd
+    reference.
     """
 
     @staticmethod
     def forward(ctx, cfg, keys, values, gates_x_all, h0, c0, keep, *weights):  # type: ignore[override]
-        tape: list[dict[str, Any]] = []
+        K, B, H = h0.shape
+        L = (keys if keys is not None else gates_x_all).shape[0]
+        read_size = values.shape[-1] * cfg.heads if cfg.mode in ("vector", "set") else 0
+        tape = _Tape(K, L, B, H, h0, read_size, cfg.comm_heads * cfg.comm_value_size if cfg.communication else None)
         proj = _vector_projections(keys, values, weights) if cfg.mode == "projected" else None
-        outputs, h_n, c_n, masks, attention, _ = _run_loop(
+        outputs, h_n, c_n, masks, attention = _run_loop(
             cfg, keys, values, gates_x_all, h0, c0, keep, weights, tape, proj
         )
         ctx.cfg, ctx.tape, ctx.keep, ctx.proj = cfg, tape, keep, proj
@@ -602,112 +730,117 @@ class _RIMSequence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_outputs, d_hn, d_cn, _d_masks, _d_attention):  # type: ignore[override]
         cfg: _LoopConfig = ctx.cfg
-        tape: list[dict[str, Any]] = ctx.tape
+        tape: _Tape = ctx.tape
+        steps = tape.steps
         keys, values, wq, bq, wih, whh, wqkv, wout = ctx.saved_tensors
         proj: _VectorProjections | None = ctx.proj
-        L = len(tape)
-        K, B, H = tape[0]["h"].shape
+        K, L, B, H = tape.h_in.shape
+        G = whh.shape[-1]
         Hi, dk = cfg.heads, cfg.key_size
         Hc, ck, cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
         lstm = cfg.cell == "lstm"
-        like = tape[0]["h"]
+        mode = cfg.mode
+        merged = mode in ("vector", "set")
+        dq = wq.shape[-1] if merged else 0
+        like = tape.h_in[:, 0]
+        new = like.new_empty
         dh = d_hn if d_hn is not None else torch.zeros_like(like)
         dc = (d_cn if d_cn is not None else torch.zeros_like(like)) if lstm else None
-        # (input, output-gradient) pairs of each per-unit weight, over all steps
-        pairs: dict[str, tuple[list[Tensor], list[Tensor]]] = {n: ([], []) for n in ("q", "ih", "hh", "qkv", "out")}
-        d_keys, d_values, d_gates_x = [], [], []
-        d_vector_scores: list[Tensor] = []  # projected mode: per step (K, B, Hi), in reverse time order
+        zero = like.new_zeros(())
+        scale = 1.0 / math.sqrt(ck)
+        # Gradients of the per-unit products' outputs at every step, (K, L, B, .):
+        # d_hz: [queries | recurrent gate inputs] (merged modes) or the recurrent gate inputs; d_gx: the input side
+        # of the gates (the same tensor for an LSTM); d_s: the input-attention scores (N = 1).
+        d_hz = new(K, L, B, dq + G)
+        d_gh = d_hz[..., dq:]
+        d_gx = d_gh if lstm else new(K, L, B, G)
+        d_s_all = new(K, L, B, Hi) if mode in ("vector", "projected") else None
+        d_pre_all = new(K, L, B, 2 * H) if cfg.communication else None
+        d_qkv_all = new(K, L, B, Hc * (2 * ck + cv)) if cfg.communication else None
+        w_h_t = (torch.cat([wq, whh], dim=-1) if merged else whh).transpose(1, 2)
+        wih_t = wih.transpose(1, 2)
+        d_keys, d_values = [], []  # set mode: per step, in reverse time order
 
         for t in reversed(range(L)):
-            rec = tape[t]
+            rec = steps[t]
             if d_outputs is not None:
                 dh = dh + d_outputs[t]
-            m = rec["m"]
-            h, c = rec["h"], rec["c"]
+            mf = rec["mf"]  # (K, B, 1), 1.0 for the active units
 
             # ---- 4. communication -------------------------------------------------------------------------------
             if cfg.communication:
+                assert d_pre_all is not None and d_qkv_all is not None
                 update, gate = rec["update"], rec["gate"]
-                dh_active = torch.where(m, dh, 0.0)
-                d_pre = torch.cat(
-                    [dh_active * gate * (1.0 - update * update), dh_active * update * gate * (1.0 - gate)], dim=-1
-                )
-                pairs["out"][0].append(rec["rc"])
-                pairs["out"][1].append(d_pre)
+                dh_active = dh * mf
+                d_pre = d_pre_all[:, t]
+                _tanh_backward(dh_active * gate, update, grad_input=d_pre[..., :H])
+                _sigmoid_backward(dh_active * update, gate, grad_input=d_pre[..., H:])
                 d_rc = torch.bmm(d_pre, wout.transpose(1, 2)).view(K, B * Hc, cv).transpose(0, 1)  # (B*Hc, K, cv)
-                ac, ac_read = rec["ac"], rec["ac_read"]
-                d_ac = torch.bmm(d_rc, rec["v2"].transpose(1, 2))
-                d_v2 = torch.bmm(ac_read.transpose(1, 2), d_rc)
+                d_ac = torch.bmm(d_rc, rec["v2"].transpose(1, 2))  # (B*Hc, K queries, K keys)
+                d_v2 = torch.bmm(rec["ac_read"].transpose(1, 2), d_rc)
                 if "drop_c" in rec:
                     d_ac = d_ac * rec["drop_c"]
-                d_scores = ac * (d_ac - (d_ac * ac).sum(-1, keepdim=True))
-                d_scores = d_scores * (1.0 / math.sqrt(ck))
-                d_q2 = torch.bmm(d_scores, rec["k2"])
-                d_k2 = torch.bmm(d_scores.transpose(1, 2), rec["q2"])
-                d_qkv = torch.cat([d_q2, d_k2, d_v2], dim=-1).transpose(0, 1).reshape(K, B, -1)
-                pairs["qkv"][0].append(rec["h1"])
-                pairs["qkv"][1].append(d_qkv)
+                d_scores_t = torch._softmax_backward_data(d_ac.transpose(1, 2), rec["ac_t"], 1, d_ac.dtype)
+                d_q2 = torch.baddbmm(zero, d_scores_t.transpose(1, 2), rec["k2"], beta=0.0, alpha=scale)
+                d_k2 = torch.baddbmm(zero, d_scores_t, rec["q2"], beta=0.0, alpha=scale)
+                d_qkv = d_qkv_all[:, t]
+                d_qkv.view(K, B, Hc, -1).copy_(
+                    torch.cat([d_q2, d_k2, d_v2], dim=-1).view(B, Hc, K, -1).permute(2, 0, 1, 3)
+                )
                 dh1 = torch.baddbmm(dh, d_qkv, wqkv.transpose(1, 2))  # residual + through q, k, v
             else:
                 dh1 = dh
 
             # ---- 3. dynamics ---------------------------------------------------------------------------------
-            dh1_active = torch.where(m, dh1, 0.0)
+            dh1_active = dh1 * mf
             if lstm:
+                assert dc is not None
                 ifo, g, tanh_c = rec["ifo"], rec["g"], rec["tanh_c"]
                 i, f, o = ifo.split(H, dim=-1)
-                assert dc is not None
-                dc_active = torch.where(m, dc, 0.0)
-                d_o = dh1_active * tanh_c
-                dc_new = torch.addcmul(dc_active, dh1_active * o, 1.0 - tanh_c * tanh_c)
-                d_ifo = torch.cat([dc_new * g, dc_new * c, d_o], dim=-1) * ifo * (1.0 - ifo)
-                d_gates = torch.cat([d_ifo, dc_new * i * (1.0 - g * g)], dim=-1)
-                dc = torch.where(m, dc_new * f, dc)
-                d_gx = d_gh = d_gates
-                dh_prev = torch.where(m, 0.0, dh1)
+                dc_active = dc * mf
+                dc_new = _tanh_backward_new(dh1_active * o, tanh_c).add_(dc_active)
+                d_gates = d_gh[:, t]
+                _sigmoid_backward(dc_new * g, i, grad_input=d_gates[..., :H])
+                _sigmoid_backward(dc_new * rec["c"], f, grad_input=d_gates[..., H : 2 * H])
+                _sigmoid_backward(dh1_active * tanh_c, o, grad_input=d_gates[..., 2 * H : 3 * H])
+                _tanh_backward(dc_new * i, g, grad_input=d_gates[..., 3 * H :])
+                dc = torch.addcmul(dc - dc_active, dc_new, f)
+                dh_prev = dh1 - dh1_active
             else:
                 rz, n, gh_n = rec["rz"], rec["n"], rec["gh_n"]
                 r, z = rz.split(H, dim=-1)
-                d_n = dh1_active * (1.0 - z) * (1.0 - n * n)
-                d_rz = torch.cat([d_n * gh_n, dh1_active * (h - n)], dim=-1) * rz * (1.0 - rz)
-                d_gx = torch.cat([d_rz, d_n], dim=-1)
-                d_gh = torch.cat([d_rz, d_n * r], dim=-1)
-                dh_prev = torch.where(m, dh1 * z, dh1)
-            pairs["hh"][0].append(h)
-            pairs["hh"][1].append(d_gh)
-            dh_prev = torch.baddbmm(dh_prev, d_gh, whh.transpose(1, 2))
+                dgx, dgh = d_gx[:, t], d_gh[:, t]
+                d_n = _tanh_backward(
+                    torch.addcmul(dh1_active, dh1_active, z, value=-1.0), n, grad_input=dgx[..., 2 * H :]
+                )
+                _sigmoid_backward(d_n * gh_n, r, grad_input=dgx[..., :H])
+                _sigmoid_backward(dh1_active * (rec["h"] - n), z, grad_input=dgx[..., H : 2 * H])
+                dgh[..., : 2 * H].copy_(dgx[..., : 2 * H])
+                torch.mul(d_n, r, out=dgh[..., 2 * H :])
+                dh_prev = torch.addcmul(dh1 - dh1_active, dh1_active, z)
 
             # ---- 1. input attention -----------------------------------------------------------------------------
-            if cfg.mode == "none":
-                d_gates_x.append(d_gx)
-            elif cfg.mode == "projected":
+            if mode == "projected":
                 # Through the step-independent projections; their own gradients are formed after the loop.
-                assert proj is not None
-                pairs["ih"][1].append(d_gx)
-                d_p = torch.bmm(d_gx.reshape(K * B, 1, -1), proj.gates[t].transpose(1, 2)).view(K, B, Hi)
+                assert proj is not None and d_s_all is not None
+                dh_prev = torch.baddbmm(dh_prev, d_gh[:, t], w_h_t)
+                d_p = torch.bmm(d_gx[:, t].reshape(K * B, 1, G), proj.gates[t].transpose(1, 2)).view(K, B, Hi)
                 if "drop_in" in rec:
                     d_p = d_p * rec["drop_in"]
-                p = rec["p"]
-                d_s = d_p * p * (1.0 - p)  # (K, B, Hi), gradient of the scores
-                d_vector_scores.append(d_s)
+                d_s = _sigmoid_backward(d_p, rec["p"], grad_input=d_s_all[:, t])  # (K, B, Hi), score gradients
                 dh_prev = torch.baddbmm(
-                    dh_prev.reshape(K * B, 1, H), d_s.view(K * B, 1, Hi), proj.score_weight[t].transpose(1, 2)
+                    dh_prev.view(K * B, 1, H), d_s.reshape(K * B, 1, Hi), proj.score_weight[t].transpose(1, 2)
                 ).view(K, B, H)
-            else:
-                pairs["ih"][0].append(rec["read"])
-                pairs["ih"][1].append(d_gx)
-                d_read = torch.bmm(d_gx, wih.transpose(1, 2))  # (K, B, Hi*dv)
-                q = rec["q"]  # (K, B, Hi, dk)
-                if cfg.mode == "vector":
-                    d_read = d_read.view(K, B, Hi, -1)
-                    p, p_read = rec["p"], rec["p_read"]
-                    d_p = (d_read * values[t]).sum(-1)  # (K, B, Hi)
-                    d_values.append((d_read * p_read.unsqueeze(-1)).sum(0))
+            elif merged:
+                d_read = torch.bmm(d_gx[:, t], wih_t)  # (K, B, Hi*dv)
+                d_q = d_hz[:, t, :, :dq].view(K, B, Hi, dk)
+                if mode == "vector":
+                    assert d_s_all is not None
+                    d_p = (d_read.view(K, B, Hi, -1) * values[t]).sum(-1)  # (K, B, Hi)
                     if "drop_in" in rec:
                         d_p = d_p * rec["drop_in"]
-                    d_s = (d_p * p * (1.0 - p)).unsqueeze(-1)
-                    d_q = d_s * keys[t]  # (K, B, Hi, dk)
-                    d_keys.append((d_s * q).sum(0))
+                    d_s = _sigmoid_backward(d_p, rec["p"], grad_input=d_s_all[:, t])
+                    torch.mul(d_s.unsqueeze(-1), keys[t], out=d_q)
                 else:
                     a, a_read = rec["a"], rec["a_read"]  # (B, Hi, K, N+1), (B, Hi, K, N)
                     d_read = d_read.view(K, B, Hi, -1).permute(1, 2, 0, 3)  # (B, Hi, K, dv)
@@ -717,13 +850,12 @@ class _RIMSequence(torch.autograd.Function):
                         d_a = d_a * rec["drop_in"]
                     a_real = a[..., 1:]
                     d_scores = a_real * (d_a - (d_a * a_real).sum(-1, keepdim=True))  # null column: no read
-                    q_b = q.permute(1, 2, 0, 3)  # (B, Hi, K, dk)
-                    d_q = torch.matmul(d_scores, keys[t].transpose(-1, -2)).permute(2, 0, 1, 3)  # (K, B, Hi, dk)
+                    q_b = rec["q"].permute(1, 2, 0, 3)  # (B, Hi, K, dk)
+                    d_q.copy_(torch.matmul(d_scores, keys[t].transpose(-1, -2)).permute(2, 0, 1, 3))
                     d_keys.append(torch.matmul(q_b.transpose(-1, -2), d_scores))  # (B, Hi, dk, N)
-                d_q = d_q.reshape(K, B, Hi * dk)
-                pairs["q"][0].append(h)
-                pairs["q"][1].append(d_q)
-                dh_prev = torch.baddbmm(dh_prev, d_q, wq.transpose(1, 2))
+                dh_prev = torch.baddbmm(dh_prev, d_hz[:, t], w_h_t)  # through the queries and the gates
+            else:
+                dh_prev = torch.baddbmm(dh_prev, d_gh[:, t], w_h_t)
 
             if rec.get("reset"):
                 dh_prev = dh_prev * ctx.keep[t]
@@ -731,43 +863,58 @@ class _RIMSequence(torch.autograd.Function):
                     dc = dc * ctx.keep[t]
             dh = dh_prev
 
-        def weight_grad(name: str, with_bias: bool) -> tuple[Tensor | None, Tensor | None]:
-            xs, gys = pairs[name]
-            if not xs:
-                return None, None
-            x = torch.cat(xs, dim=1)  # (K, L*B, in)
-            gy = torch.cat(gys, dim=1)  # (K, L*B, out)
-            return torch.bmm(x.transpose(1, 2), gy), (gy.sum(1, keepdim=True) if with_bias else None)
+        # ---- Weight gradients, each one batched product over all steps -------------------------------------------
+        def rows(x: Tensor) -> Tensor:  # (K, L, B, n) -> (K, L*B, n)
+            return x.view(K, L * B, x.shape[-1]) if x.is_contiguous() else x.reshape(K, L * B, x.shape[-1])
 
-        d_wq, d_bq = weight_grad("q", True)
-        d_wih, d_bih = weight_grad("ih", True)
-        d_whh, d_bhh = weight_grad("hh", not lstm)
-        d_wqkv, _ = weight_grad("qkv", False)
-        d_wout, d_bout = weight_grad("out", True)
-        if cfg.mode == "none":
-            d_gates_all = torch.stack(d_gates_x[::-1])
-            d_keys_all = d_values_all = None
-        elif cfg.mode == "projected":  # gradients of the projections, all steps at once (time-major, (L, K, B, .))
-            d_gates_all = None
-            dv = values.shape[-1]
-            d_gx = torch.stack(pairs["ih"][1][::-1])  # (L, K, B, G)
-            d_s = torch.stack(d_vector_scores[::-1]).unsqueeze(-1)  # (L, K, B, Hi, 1)
-            p_read = torch.stack([rec["p_read"] for rec in tape]).unsqueeze(-1)  # (L, K, B, Hi, 1)
-            h_all = torch.stack([rec["h"] for rec in tape])  # (L, K, B, H)
-            read = (p_read * values.unsqueeze(1)).view(L, K, B, Hi * dv)
-            d_wih = torch.einsum("lkbi,lkbg->kig", read, d_gx)
-            d_bih = d_gx.sum((0, 2)).unsqueeze(1)
-            d_read = torch.einsum("lkbg,kig->lkbi", d_gx, wih).view(L, K, B, Hi, dv)
-            d_values_all = (d_read * p_read).sum(1)  # (L, B, Hi, dv)
-            d_q = (d_s * keys.unsqueeze(1)).view(L, K, B, Hi * dk)
-            d_wq = torch.einsum("lkbd,lkbq->kdq", h_all, d_q)
-            d_bq = d_q.sum((0, 2)).unsqueeze(1)
-            q = torch.einsum("lkbd,kdq->lkbq", h_all, wq).add_(bq.view(1, K, 1, Hi * dk)).view(L, K, B, Hi, dk)
-            d_keys_all = (d_s * q).sum(1)  # (L, B, Hi, dk)
+        h_in = rows(tape.h_in)
+        d_gx_rows = d_hz.view(K, L * B, dq + G)[..., dq:] if lstm else d_gx.view(K, L * B, G)
+        d_w_h = torch.bmm(h_in.transpose(1, 2), d_hz.view(K, L * B, -1))
+        d_b_h = d_hz.sum((1, 2)).unsqueeze(1)
+        d_wq = d_bq = d_wih = d_bih = d_bhh = None
+        if merged:
+            d_wq, d_whh = d_w_h.split((dq, G), dim=-1)
+            d_bq, d_b_hh = d_b_h.split((dq, G), dim=-1)
         else:
-            d_gates_all = None
+            d_whh, d_b_hh = d_w_h, d_b_h
+        if lstm:
+            d_bih = d_b_hh if merged else None  # none/projected modes: b_ih reaches the gates outside the loop
+        else:
+            d_bhh = d_b_hh
+            if merged:
+                d_bih = d_gx.sum((1, 2)).unsqueeze(1)
+        if merged:
+            assert tape.read is not None
+            d_wih = torch.bmm(rows(tape.read).transpose(1, 2), d_gx_rows)
+        d_wqkv = d_wout = d_bout = None
+        if cfg.communication:
+            assert tape.h1 is not None and tape.rc is not None and d_pre_all is not None and d_qkv_all is not None
+            d_wqkv = torch.bmm(rows(tape.h1).transpose(1, 2), rows(d_qkv_all))
+            d_wout = torch.bmm(rows(tape.rc).transpose(1, 2), rows(d_pre_all))
+            d_bout = d_pre_all.sum((1, 2)).unsqueeze(1)
+
+        d_keys_all = d_values_all = d_gates_all = None
+        if mode == "none":
+            d_gates_all = d_gx.transpose(0, 1)  # (L, K, B, G)
+        elif mode == "set":
             d_keys_all = torch.stack(d_keys[::-1])
             d_values_all = torch.stack(d_values[::-1])
+        else:  # N = 1: keys and values gradients for all steps at once, (K, L, B, .) summed over the units
+            assert d_s_all is not None
+            dv = values.shape[-1]
+            p_read = torch.stack([rec["p_read"] for rec in steps], dim=1).unsqueeze(-1)  # (K, L, B, Hi, 1)
+            d_read = torch.bmm(d_gx_rows, wih_t).view(K, L, B, Hi, dv)
+            d_values_all = (d_read * p_read).sum(0)  # (L, B, Hi, dv)
+            q = torch.baddbmm(bq, h_in, wq).view(K, L, B, Hi, dk)
+            d_s = d_s_all.unsqueeze(-1)  # (K, L, B, Hi, 1)
+            d_keys_all = (d_s * q).sum(0)  # (L, B, Hi, dk)
+            if mode == "projected":  # the query and input-to-gate weights were only used through the projections
+                read = (p_read * values.unsqueeze(0)).view(K, L * B, Hi * dv)
+                d_wih = torch.bmm(read.transpose(1, 2), d_gx_rows)
+                d_bih = d_gx_rows.sum(1, keepdim=True)
+                d_q = (d_s * keys.unsqueeze(0)).view(K, L * B, Hi * dk)
+                d_wq = torch.bmm(h_in.transpose(1, 2), d_q)
+                d_bq = d_q.sum(1, keepdim=True)
         return (
             None, d_keys_all, d_values_all, d_gates_all, dh, dc, None,
             d_wq, d_bq, d_wih, d_bih, d_whh, d_bhh, d_wqkv, d_wout, d_bout,

@@ -13,11 +13,12 @@ from rims_rl.rim import RIM
 from tests.rim_reference import reference_forward
 
 
-@pytest.fixture(autouse=True, params=["per-step", "projected"])
+@pytest.fixture(autouse=True, params=["per-step", "projected", "folded"])
 def vector_input_path(request, monkeypatch):
-    """Every test runs both ways a single input vector can go: per-step query and input-to-gate products, or the
-    step-independent projections (``_VectorProjections``; chosen by sizes in use, forced here)."""
-    monkeypatch.setattr(rims_rl.rim, "PROJECT_VECTOR_INPUT", request.param == "projected")
+    """Every test runs each way a single input vector can go: per-step query and input-to-gate products, the
+    step-independent projections (``_VectorProjections``), or the key and value projections folded into the
+    query and input-to-gate weights (``_fold_input``). Chosen by sizes in use, forced here."""
+    monkeypatch.setattr(rims_rl.rim, "VECTOR_INPUT_PATH", request.param)
     return request.param
 
 
@@ -326,11 +327,14 @@ def test_a_dropped_unit_is_never_active_and_its_state_stays_zero(input_attention
         rim(x, state)
 
 
-def test_the_projected_path_is_chosen_for_long_sequences_of_few_samples(monkeypatch):
-    monkeypatch.setattr(rims_rl.rim, "PROJECT_VECTOR_INPUT", None)
-    choose = rims_rl.rim._project_vector_input
-    # Atari: RIM 6 x 100, keys 64, values 100 per head, LSTM gates 400; PPO minibatches of two 128-step sequences.
-    assert choose(L=128, B=2, H=100, dk=64, dv=100, G=400)
-    assert not choose(L=1, B=8, H=100, dk=64, dv=100, G=400)  # a rollout step
-    assert not choose(L=128, B=8, H=100, dk=64, dv=100, G=400)
-    assert not choose(L=16, B=32, H=32, dk=16, dv=32, G=128)  # CartPoleNoVel minibatches
+def test_the_vector_input_path_is_chosen_by_sizes(monkeypatch):
+    monkeypatch.setattr(rims_rl.rim, "VECTOR_INPUT_PATH", None)
+    choose = rims_rl.rim._vector_input_path
+    # Atari: CNN features 512, RIM 6 x 100, keys 64, values 100 per head, LSTM gates 400; PPO minibatches of two
+    # 128-step sequences: projected; rollout steps and larger batches: per step.
+    assert choose(L=128, B=2, D=512, H=100, dk=64, dv=100, G=400) == "projected"
+    assert choose(L=1, B=8, D=512, H=100, dk=64, dv=100, G=400) == "per-step"
+    assert choose(L=128, B=8, D=512, H=100, dk=64, dv=100, G=400) == "per-step"
+    # CartPoleNoVel: 2 observation numbers against keys of 16 and values of 32 per head: folded, any shape.
+    assert choose(L=16, B=32, D=2, H=32, dk=16, dv=32, G=128) == "folded"
+    assert choose(L=1, B=32, D=2, H=32, dk=16, dv=32, G=128) == "folded"
