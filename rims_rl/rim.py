@@ -14,7 +14,6 @@ This module imports only torch: it can be used outside reinforcement learning.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -501,55 +500,16 @@ _tanh_backward_new = torch.ops.aten.tanh_backward.default
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # grad * y * (1 - y)
 
 
-class _BufferPool:
-    """Per-sequence buffers kept for the next call of the same shape (CPU only; CUDA has a caching allocator).
-
-    A fresh allocation of a few MB comes from the OS as untouched pages; filling it then costs a page fault per
-    4 KB, which on a small CPU costs about as much as the arithmetic that fills the buffer. Training calls the RIM
-    with the same minibatch shape again and again, so the buffers are reused instead.
-    """
-
-    def __init__(self, per_shape: int = 4) -> None:
-        self.per_shape = per_shape
-        self.free: dict[tuple[Any, ...], list[Tensor]] = {}
-        self.lock = threading.Lock()
-
-    def take(self, like: Tensor, *shape: int) -> Tensor:
-        if like.device.type != "cpu":
-            return like.new_empty(shape)
-        with self.lock:
-            stack = self.free.get((shape, like.dtype))
-            if stack:
-                return stack.pop()
-        return like.new_empty(shape)
-
-    def give(self, *tensors: Tensor | None) -> None:
-        with self.lock:
-            for t in tensors:
-                if t is not None and t.device.type == "cpu":
-                    stack = self.free.setdefault((tuple(t.shape), t.dtype), [])
-                    if len(stack) < self.per_shape:
-                        stack.append(t)
-
-
-_POOL = _BufferPool()
-
-
 class _Tape:
     """What the forward loop keeps for the backward: per-step tensors, and per-sequence buffers ``(K, L, B, .)``
-    holding the inputs of each per-unit weight at every step (so each weight gradient is one product afterwards).
-    The buffers go back to the pool when the tape is freed (with the graph), not after the backward: a graph kept
-    with ``retain_graph=True`` may go back again."""
+    holding the inputs of each per-unit weight at every step (so each weight gradient is one product afterwards)."""
 
     def __init__(self, K: int, L: int, B: int, H: int, like: Tensor, read_size: int, comm_in: int | None) -> None:
         self.steps: list[dict[str, Any]] = []
-        self.h_in = _POOL.take(like, K, L, B, H)  # the state entering each step (after resets)
-        self.read = _POOL.take(like, K, L, B, read_size) if read_size else None  # what each unit read
-        self.h1 = _POOL.take(like, K, L, B, H) if comm_in else None  # the state entering communication
-        self.rc = _POOL.take(like, K, L, B, comm_in) if comm_in else None  # what each unit read from the others
-
-    def __del__(self) -> None:
-        _POOL.give(self.h_in, self.read, self.h1, self.rc)
+        self.h_in = like.new_empty(K, L, B, H)  # the state entering each step (after resets)
+        self.read = like.new_empty(K, L, B, read_size) if read_size else None  # what each unit read
+        self.h1 = like.new_empty(K, L, B, H) if comm_in else None  # the state entering communication
+        self.rc = like.new_empty(K, L, B, comm_in) if comm_in else None  # what each unit read from the others
 
 
 def _run_loop(
@@ -783,10 +743,7 @@ class _RIMSequence(torch.autograd.Function):
         merged = mode in ("vector", "set")
         dq = wq.shape[-1] if merged else 0
         like = tape.h_in[:, 0]
-
-        def new(*shape: int) -> Tensor:
-            return _POOL.take(like, *shape)
-
+        new = like.new_empty
         dh = d_hn if d_hn is not None else torch.zeros_like(like)
         dc = (d_cn if d_cn is not None else torch.zeros_like(like)) if lstm else None
         zero = like.new_zeros(())
@@ -958,9 +915,6 @@ class _RIMSequence(torch.autograd.Function):
                 d_q = (d_s * keys.unsqueeze(0)).view(K, L * B, Hi * dk)
                 d_wq = torch.bmm(h_in.transpose(1, 2), d_q)
                 d_bq = d_q.sum(1, keepdim=True)
-        if mode != "none":  # (there d_gates_all is a view of d_gx)
-            _POOL.give(d_hz, None if lstm else d_gx)
-        _POOL.give(d_s_all, d_pre_all, d_qkv_all)
         return (
             None, d_keys_all, d_values_all, d_gates_all, dh, dc, None,
             d_wq, d_bq, d_wih, d_bih, d_whh, d_bhh, d_wqkv, d_wout, d_bout,
