@@ -2,11 +2,12 @@
 
 One :class:`RIM` call runs a whole sequence. What does not depend on the recurrent state (the input keys and values;
 with input attention off, the whole input side of the dynamics; for a single input vector and a few long sequences,
-the products of keys with the query weights and of values with the input-to-gate weights) is computed once for all
-steps; the per-step loop only does what depends on the state. All per-unit weights carry a leading unit axis and are
-applied with batched matmuls over it: there is no Python loop over units. Under autograd the loop is a single node
-with a hand-written backward through time (:class:`_RIMSequence`), which computes each weight gradient once from all
-steps.
+the products of keys with the query weights and of values with the input-to-gate weights; for a single input vector
+smaller than the keys and values, those weights with the key and value projections folded in) is computed once for
+all steps; the per-step loop only does what depends on the state (:func:`_vector_input_path` picks by sizes). All
+per-unit weights carry a leading unit axis and are applied with batched matmuls over it: there is no Python loop over
+units. Under autograd the loop is a single node with a hand-written backward through time (:class:`_RIMSequence`),
+which computes each weight gradient once from all steps.
 
 This module imports only torch: it can be used outside reinforcement learning.
 """
