@@ -15,7 +15,6 @@ This module imports only torch: it can be used outside reinforcement learning.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -184,7 +183,6 @@ class RIM(nn.Module):
         self.dropout = float(dropout)
         self.input_attention = bool(input_attention)
         self.communication = bool(communication)
-        self._derived_cache: dict[str, tuple[list[tuple[Tensor, int]], Any]] = {}
         self.dropped_units: tuple[int, ...] = ()
         """Units removed at test time (ablation, §4.4): never active, state held at zero. Set it directly (indices
         in ``[0, num_units)``); only runs without gradient (``torch.no_grad()``), e.g. in evaluation."""
@@ -263,20 +261,6 @@ class RIM(nn.Module):
             s += f", dropped_units={self.dropped_units}"
         return s
 
-    def _derived(self, name: str, sources: tuple[Tensor | None, ...], make: Callable[[], Any]) -> Any:
-        """Tensors derived from parameters (folded or merged weights): under autograd made at every call; without
-        gradient (rollouts, evaluation) kept until one of ``sources`` is replaced or changed in place."""
-        if torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-            return make()
-        stamp = [(t, t._version) for t in sources if t is not None]
-        hit = self._derived_cache.get(name)
-        if hit is not None and len(hit[0]) == len(stamp):
-            if all(a is b and u == v for (a, u), (b, v) in zip(hit[0], stamp, strict=True)):
-                return hit[1]
-        value = make()
-        self._derived_cache[name] = (stamp, value)
-        return value
-
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """Zero state ``(h_0, c_0)``, each ``(batch_size, K * H)``."""
         device = device if device is not None else self.weight_hh.device
@@ -332,9 +316,7 @@ class RIM(nn.Module):
             # Keys and values are linear in x (no bias), so the key projection folds into the query weights and the
             # value projection into the input-to-gate weights (see _fold_input); the loop then reads x itself.
             keys = values = x.expand(L, B, Hi, x.shape[-1])
-            folded = self._derived("folded", (*weights[:3], self.input_key.weight, self.input_value.weight),
-                                   lambda: _fold_input(self, x.shape[-1]))  # fmt: skip
-            weights = (*folded, *weights[3:])
+            weights = (*_fold_input(self, x.shape[-1]), *weights[3:])
             loop_mode, loop_dk = "vector", x.shape[-1]
         elif mode == "none":
             # Every unit reads the mean of the input values (uniform attention over the real elements); the read
@@ -366,12 +348,7 @@ class RIM(nn.Module):
         if torch.is_grad_enabled():
             outputs, h_n, c_n, masks, attention = _RIMSequence.apply(cfg, keys, values, gates_x, h0, c0, keep, *weights)
         else:
-            merged = None
-            if loop_mode in ("vector", "set"):  # rollouts: one step per call, the same weights until an update
-                merged = self._derived("merged", weights[:6], lambda: _merge_state_weights(cfg, weights))
-            outputs, h_n, c_n, masks, attention = _run_loop(
-                cfg, keys, values, gates_x, h0, c0, keep, weights, merged_weights=merged
-            )
+            outputs, h_n, c_n, masks, attention = _run_loop(cfg, keys, values, gates_x, h0, c0, keep, weights)
 
         output = outputs.permute(0, 2, 1, 3).reshape(L, B, K * H)
         h_n = h_n.transpose(0, 1).reshape(B, K * H)
@@ -428,7 +405,6 @@ class _VectorProjections(NamedTuple):
 VECTOR_INPUT_PATH: str | None = None
 """How a single input vector (N = 1) is attended: None (default) decides by the sizes (:func:`_vector_input_path`);
 "per-step", "projected" or "folded" forces it (tests check every path against the reference)."""
-_VECTOR_INPUT_PATHS = ("per-step", "projected", "folded")
 
 
 def _vector_input_path(L: int, B: int, D: int, H: int, dk: int, dv: int, G: int) -> str:
@@ -446,7 +422,7 @@ def _vector_input_path(L: int, B: int, D: int, H: int, dk: int, dv: int, G: int)
     """
     if VECTOR_INPUT_PATH is not None:
         return VECTOR_INPUT_PATH
-    if D * (H + G) < dk * H + dv * G:
+    if L > 1 and D * (H + G) < dk * H + dv * G:  # (one step does not pay for folding the weights)
         return "folded"
     if L > 1 and dv * G + H * dk >= 24 * B * (G + H):
         return "projected"
@@ -496,9 +472,11 @@ def _vector_projections(keys: Tensor, values: Tensor, weights: tuple[Tensor | No
     return _VectorProjections(score_weight, score_bias, gates, bih.expand(K, B, G).reshape(K * B, 1, G))
 
 
-_tanh_backward = torch.ops.aten.tanh_backward.grad_input  # (grad, tanh output, *, grad_input=out): grad * (1 - y^2)
-_tanh_backward_new = torch.ops.aten.tanh_backward.default
-_sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # grad * y * (1 - y)
+# One fused op each instead of three: grad * (1 - y^2) and grad * y * (1 - y) from the activation's output y; the
+# "_into" forms write into grad_input= (a slice of a per-sequence gradient buffer).
+_tanh_backward = torch.ops.aten.tanh_backward.default
+_tanh_backward_into = torch.ops.aten.tanh_backward.grad_input
+_sigmoid_backward_into = torch.ops.aten.sigmoid_backward.grad_input
 
 
 class _Tape:
@@ -524,7 +502,6 @@ def _run_loop(
     weights: tuple[Tensor | None, ...],
     tape: _Tape | None = None,
     proj: _VectorProjections | None = None,
-    merged_weights: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """Run the RIM over a sequence (no autograd). With ``tape``, record what the backward pass needs.
 
@@ -533,9 +510,10 @@ def _run_loop(
     none: None).
 
     With input attention over a single vector (mode "vector") or a set, a unit's queries and its recurrent gate
-    inputs are both products of its state: they are computed by one product with ``[W_q | W_hh]``.
+    inputs are both products of its state: over several steps (or under the tape) they are computed by one product
+    with ``[W_q | W_hh]``; a single step without gradient (a rollout) does not pay for concatenating the weights.
     """
-    wq, _, wih, bih, whh, bhh, wqkv, wout, bout = weights
+    wq, bq, wih, bih, whh, bhh, wqkv, wout, bout = weights
     K, B, H = h.shape
     L = (keys if keys is not None else gates_x_all).shape[0]  # type: ignore[union-attr]
     Hi, dk = cfg.heads, cfg.key_size
@@ -543,7 +521,7 @@ def _run_loop(
     drop = cfg.dropout
     lstm = cfg.cell == "lstm"
     mode = cfg.mode
-    merged = mode in ("vector", "set")
+    merged = mode in ("vector", "set") and (L > 1 or tape is not None)
     reset_steps = (keep != 1).flatten(1).any(1).tolist() if keep is not None else [False] * L
     all_active = torch.ones(K, B, dtype=torch.bool, device=h.device)
     no_winner = torch.zeros(K, B, dtype=torch.bool, device=h.device)
@@ -560,7 +538,7 @@ def _run_loop(
     if merged:
         assert wq is not None
         dq = wq.shape[-1]
-        w_h, b_h = merged_weights if merged_weights is not None else _merge_state_weights(cfg, weights)
+        w_h, b_h = _merge_state_weights(cfg, weights)
     zero = h.new_zeros(())  # the ignored addend of baddbmm(beta=0)
     scale = 1.0 / math.sqrt(ck)
     outputs, masks, attentions = [], [], []
@@ -584,6 +562,8 @@ def _run_loop(
             hz = torch.baddbmm(b_h, h, w_h)  # (K, B, Hi*dk + G): queries | recurrent gate inputs (with bias)
             q = hz[..., :dq].view(K, B, Hi, dk)
             gh = hz[..., dq:]
+        elif mode in ("vector", "set"):
+            q = torch.baddbmm(bq, h, wq).view(K, B, Hi, dk)
         if mode == "none":
             assert gates_x_all is not None
             gx = gates_x_all[t]
@@ -602,8 +582,7 @@ def _run_loop(
                     rec["drop_in"] = _dropout_mask(a_read, drop)
                     a_read = a_read * rec["drop_in"]
                 r = torch.matmul(a_read, values[t]).permute(2, 0, 1, 3)  # (K, B, Hi, dv)
-                read = read_out.view(r.shape).copy_(r) if read_out is not None else r.reshape(K, B, -1)
-                read = read.reshape(K, B, -1)
+                read = (read_out.view(r.shape).copy_(r) if read_out is not None else r).reshape(K, B, -1)
                 rec.update(q=q, a=a, a_read=a_read)
             else:
                 # N = 1: softmax over {null, x} where the null score is exactly 0, so the weight on x is sigmoid(score).
@@ -625,11 +604,10 @@ def _run_loop(
                     out = read_out.view(K, B, Hi, -1) if read_out is not None else None
                     read = torch.mul(p_read.unsqueeze(-1), values[t], out=out).view(K, B, -1)
                 rec.update(p=p, p_read=p_read)
-            if merged:
-                if lstm:  # gates = b_ih + h W_hh + read W_ih
-                    gh = torch.baddbmm(gh, read, wih)
-                else:
-                    gx = torch.baddbmm(bih, read, wih)
+            if merged and lstm:  # gates = b_ih + h W_hh + read W_ih
+                gh = torch.baddbmm(gh, read, wih)
+            elif mode != "projected":
+                gx = torch.baddbmm(bih, read, wih)
             if cfg.k_active == K:
                 active = all_active
             else:  # the k_A units with the least attention on the null element
@@ -774,8 +752,8 @@ class _RIMSequence(torch.autograd.Function):
                 update, gate = rec["update"], rec["gate"]
                 dh_active = dh * mf
                 d_pre = d_pre_all[:, t]
-                _tanh_backward(dh_active * gate, update, grad_input=d_pre[..., :H])
-                _sigmoid_backward(dh_active * update, gate, grad_input=d_pre[..., H:])
+                _tanh_backward_into(dh_active * gate, update, grad_input=d_pre[..., :H])
+                _sigmoid_backward_into(dh_active * update, gate, grad_input=d_pre[..., H:])
                 d_rc = torch.bmm(d_pre, wout.transpose(1, 2)).view(K, B * Hc, cv).transpose(0, 1)  # (B*Hc, K, cv)
                 d_ac = torch.bmm(d_rc, rec["v2"].transpose(1, 2))  # (B*Hc, K queries, K keys)
                 d_v2 = torch.bmm(rec["ac_read"].transpose(1, 2), d_rc)
@@ -799,23 +777,23 @@ class _RIMSequence(torch.autograd.Function):
                 ifo, g, tanh_c = rec["ifo"], rec["g"], rec["tanh_c"]
                 i, f, o = ifo.split(H, dim=-1)
                 dc_active = dc * mf
-                dc_new = _tanh_backward_new(dh1_active * o, tanh_c).add_(dc_active)
+                dc_new = _tanh_backward(dh1_active * o, tanh_c).add_(dc_active)
                 d_gates = d_gh[:, t]
-                _sigmoid_backward(dc_new * g, i, grad_input=d_gates[..., :H])
-                _sigmoid_backward(dc_new * rec["c"], f, grad_input=d_gates[..., H : 2 * H])
-                _sigmoid_backward(dh1_active * tanh_c, o, grad_input=d_gates[..., 2 * H : 3 * H])
-                _tanh_backward(dc_new * i, g, grad_input=d_gates[..., 3 * H :])
+                _sigmoid_backward_into(dc_new * g, i, grad_input=d_gates[..., :H])
+                _sigmoid_backward_into(dc_new * rec["c"], f, grad_input=d_gates[..., H : 2 * H])
+                _sigmoid_backward_into(dh1_active * tanh_c, o, grad_input=d_gates[..., 2 * H : 3 * H])
+                _tanh_backward_into(dc_new * i, g, grad_input=d_gates[..., 3 * H :])
                 dc = torch.addcmul(dc - dc_active, dc_new, f)
                 dh_prev = dh1 - dh1_active
             else:
                 rz, n, gh_n = rec["rz"], rec["n"], rec["gh_n"]
                 r, z = rz.split(H, dim=-1)
                 dgx, dgh = d_gx[:, t], d_gh[:, t]
-                d_n = _tanh_backward(
+                d_n = _tanh_backward_into(
                     torch.addcmul(dh1_active, dh1_active, z, value=-1.0), n, grad_input=dgx[..., 2 * H :]
                 )
-                _sigmoid_backward(d_n * gh_n, r, grad_input=dgx[..., :H])
-                _sigmoid_backward(dh1_active * (rec["h"] - n), z, grad_input=dgx[..., H : 2 * H])
+                _sigmoid_backward_into(d_n * gh_n, r, grad_input=dgx[..., :H])
+                _sigmoid_backward_into(dh1_active * (rec["h"] - n), z, grad_input=dgx[..., H : 2 * H])
                 dgh[..., : 2 * H].copy_(dgx[..., : 2 * H])
                 torch.mul(d_n, r, out=dgh[..., 2 * H :])
                 dh_prev = torch.addcmul(dh1 - dh1_active, dh1_active, z)
@@ -828,7 +806,7 @@ class _RIMSequence(torch.autograd.Function):
                 d_p = torch.bmm(d_gx[:, t].reshape(K * B, 1, G), proj.gates[t].transpose(1, 2)).view(K, B, Hi)
                 if "drop_in" in rec:
                     d_p = d_p * rec["drop_in"]
-                d_s = _sigmoid_backward(d_p, rec["p"], grad_input=d_s_all[:, t])  # (K, B, Hi), score gradients
+                d_s = _sigmoid_backward_into(d_p, rec["p"], grad_input=d_s_all[:, t])  # (K, B, Hi), score gradients
                 dh_prev = torch.baddbmm(
                     dh_prev.view(K * B, 1, H), d_s.reshape(K * B, 1, Hi), proj.score_weight[t].transpose(1, 2)
                 ).view(K, B, H)
@@ -840,7 +818,7 @@ class _RIMSequence(torch.autograd.Function):
                     d_p = (d_read.view(K, B, Hi, -1) * values[t]).sum(-1)  # (K, B, Hi)
                     if "drop_in" in rec:
                         d_p = d_p * rec["drop_in"]
-                    d_s = _sigmoid_backward(d_p, rec["p"], grad_input=d_s_all[:, t])
+                    d_s = _sigmoid_backward_into(d_p, rec["p"], grad_input=d_s_all[:, t])
                     torch.mul(d_s.unsqueeze(-1), keys[t], out=d_q)
                 else:
                     a, a_read = rec["a"], rec["a_read"]  # (B, Hi, K, N+1), (B, Hi, K, N)

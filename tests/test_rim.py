@@ -190,14 +190,16 @@ def test_one_sequence_call_equals_step_by_step_calls(cell, n_elements):
         starts = torch.zeros(7, 4)
         starts[4, 2] = 1
         out, (h, c), info = rim(x, (h0, c0), episode_starts=starts)
-        state = (h0, c0)
-        for t in range(7):
-            o, state, i = rim(x[t : t + 1], state, episode_starts=starts[t : t + 1])
-            torch.testing.assert_close(o[0], out[t])
-            assert torch.equal(i.activation_mask[0], info.activation_mask[t])
-            torch.testing.assert_close(i.input_attention[0], info.input_attention[t])
-        torch.testing.assert_close(state[0], h)
-        torch.testing.assert_close(state[1], c)
+        for grad in (True, False):  # without gradient, one step skips the merged [W_q | W_hh] product (rollouts)
+            state = (h0, c0)
+            with torch.set_grad_enabled(grad):
+                for t in range(7):
+                    o, state, i = rim(x[t : t + 1], state, episode_starts=starts[t : t + 1])
+                    torch.testing.assert_close(o[0], out[t])
+                    assert torch.equal(i.activation_mask[0], info.activation_mask[t])
+                    torch.testing.assert_close(i.input_attention[0], info.input_attention[t])
+            torch.testing.assert_close(state[0], h)
+            torch.testing.assert_close(state[1], c)
 
 
 def test_episode_start_resets_the_state_to_zero():
@@ -335,6 +337,7 @@ def test_the_vector_input_path_is_chosen_by_sizes(monkeypatch):
     assert choose(L=128, B=2, D=512, H=100, dk=64, dv=100, G=400) == "projected"
     assert choose(L=1, B=8, D=512, H=100, dk=64, dv=100, G=400) == "per-step"
     assert choose(L=128, B=8, D=512, H=100, dk=64, dv=100, G=400) == "per-step"
-    # CartPoleNoVel: 2 observation numbers against keys of 16 and values of 32 per head: folded, any shape.
+    # CartPoleNoVel: 2 observation numbers against keys of 16 and values of 32 per head: folded for sequences; a
+    # single rollout step does not pay for folding the weights.
     assert choose(L=16, B=32, D=2, H=32, dk=16, dv=32, G=128) == "folded"
-    assert choose(L=1, B=32, D=2, H=32, dk=16, dv=32, G=128) == "folded"
+    assert choose(L=1, B=32, D=2, H=32, dk=16, dv=32, G=128) == "per-step"
