@@ -719,8 +719,8 @@ class _RIMSequence(torch.autograd.Function):
         Hc, ck, cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
         lstm = cfg.cell == "lstm"
         mode = cfg.mode
-        merged = mode in ("vector", "set")
-        dq = wq.shape[-1] if merged else 0
+        with_queries = mode in ("vector", "set")  # their gradient rows are [queries | recurrent gate inputs]
+        dq = wq.shape[-1] if with_queries else 0
         like = tape.h_in[:, 0]
         new = like.new_empty
         dh = d_hn if d_hn is not None else torch.zeros_like(like)
@@ -728,15 +728,15 @@ class _RIMSequence(torch.autograd.Function):
         zero = like.new_zeros(())
         scale = 1.0 / math.sqrt(ck)
         # Gradients of the per-unit products' outputs at every step, (K, L, B, .):
-        # d_hz: [queries | recurrent gate inputs] (merged modes) or the recurrent gate inputs; d_gx: the input side
-        # of the gates (the same tensor for an LSTM); d_s: the input-attention scores (N = 1).
+        # d_hz: [queries | recurrent gate inputs] (vector and set modes) or the recurrent gate inputs; d_gx: the input
+        # side of the gates (the same tensor for an LSTM); d_s: the input-attention scores (N = 1).
         d_hz = new(K, L, B, dq + G)
         d_gh = d_hz[..., dq:]
         d_gx = d_gh if lstm else new(K, L, B, G)
         d_s_all = new(K, L, B, Hi) if mode in ("vector", "projected") else None
         d_pre_all = new(K, L, B, 2 * H) if cfg.communication else None
         d_qkv_all = new(K, L, B, Hc * (2 * ck + cv)) if cfg.communication else None
-        w_h_t = (torch.cat([wq, whh], dim=-1) if merged else whh).transpose(1, 2)
+        w_h_t = (torch.cat([wq, whh], dim=-1) if with_queries else whh).transpose(1, 2)
         wih_t = wih.transpose(1, 2)
         d_keys, d_values = [], []  # set mode: per step, in reverse time order
 
@@ -810,7 +810,7 @@ class _RIMSequence(torch.autograd.Function):
                 dh_prev = torch.baddbmm(
                     dh_prev.view(K * B, 1, H), d_s.reshape(K * B, 1, Hi), proj.score_weight[t].transpose(1, 2)
                 ).view(K, B, H)
-            elif merged:
+            elif with_queries:
                 d_read = torch.bmm(d_gx[:, t], wih_t)  # (K, B, Hi*dv)
                 d_q = d_hz[:, t, :, :dq].view(K, B, Hi, dk)
                 if mode == "vector":
@@ -844,25 +844,25 @@ class _RIMSequence(torch.autograd.Function):
 
         # ---- Weight gradients, each one batched product over all steps -------------------------------------------
         def rows(x: Tensor) -> Tensor:  # (K, L, B, n) -> (K, L*B, n)
-            return x.view(K, L * B, x.shape[-1]) if x.is_contiguous() else x.reshape(K, L * B, x.shape[-1])
+            return x.reshape(K, L * B, x.shape[-1])
 
         h_in = rows(tape.h_in)
         d_gx_rows = d_hz.view(K, L * B, dq + G)[..., dq:] if lstm else d_gx.view(K, L * B, G)
         d_w_h = torch.bmm(h_in.transpose(1, 2), d_hz.view(K, L * B, -1))
         d_b_h = d_hz.sum((1, 2)).unsqueeze(1)
         d_wq = d_bq = d_wih = d_bih = d_bhh = None
-        if merged:
+        if with_queries:
             d_wq, d_whh = d_w_h.split((dq, G), dim=-1)
             d_bq, d_b_hh = d_b_h.split((dq, G), dim=-1)
         else:
             d_whh, d_b_hh = d_w_h, d_b_h
         if lstm:
-            d_bih = d_b_hh if merged else None  # none/projected modes: b_ih reaches the gates outside the loop
+            d_bih = d_b_hh if with_queries else None  # none/projected modes: b_ih reaches the gates outside the loop
         else:
             d_bhh = d_b_hh
-            if merged:
+            if with_queries:
                 d_bih = d_gx.sum((1, 2)).unsqueeze(1)
-        if merged:
+        if with_queries:
             assert tape.read is not None
             d_wih = torch.bmm(rows(tape.read).transpose(1, 2), d_gx_rows)
         d_wqkv = d_wout = d_bout = None
