@@ -7,7 +7,10 @@ smaller than the keys and values, those weights with the key and value projectio
 all steps; the per-step loop only does what depends on the state (:func:`_vector_input_path` picks by sizes). All
 per-unit weights carry a leading unit axis and are applied with batched matmuls over it: there is no Python loop over
 units. Under autograd the loop is a single node with a hand-written backward through time (:class:`_RIMSequence`),
-which computes each weight gradient once from all steps.
+which computes each weight gradient once from all steps. For a single input vector without attention dropout (the
+reinforcement-learning configurations), the loop and its backward run in C++ (``csrc/rim_loop.cpp``, the same ATen
+ops in the same order, built on first use; see :data:`NATIVE_LOOP`); the Python loop is the reference and the
+fallback.
 
 This module imports only torch: it can be used outside reinforcement learning.
 """
@@ -15,6 +18,11 @@ This module imports only torch: it can be used outside reinforcement learning.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -345,8 +353,15 @@ class RIM(nn.Module):
             heads=Hi, key_size=loop_dk, comm_heads=self.comm_heads, comm_key_size=self.comm_key_size,
             comm_value_size=self.comm_value_size, communication=self.communication, dropped=dropped,
         )  # fmt: skip
+        if loop_mode in ("vector", "projected") and cfg.dropout == 0.0 and not dropped and _native() is not None:
+            cfg = cfg._replace(native=True)
         if torch.is_grad_enabled():
             outputs, h_n, c_n, masks, attention = _RIMSequence.apply(cfg, keys, values, gates_x, h0, c0, keep, *weights)
+        elif cfg.native:
+            proj = _vector_projections(keys, values, weights) if loop_mode == "projected" else None
+            outputs, h_n, c_n, masks, attention, _ = _native_forward(
+                cfg, keys, values, h0, c0, keep, weights, False, proj
+            )
         else:
             outputs, h_n, c_n, masks, attention = _run_loop(cfg, keys, values, gates_x, h0, c0, keep, weights)
 
@@ -379,6 +394,7 @@ class _LoopConfig(NamedTuple):
     comm_value_size: int
     communication: bool
     dropped: tuple[int, ...] = ()  # test-time ablation (no-grad path only): never active, state zero
+    native: bool = False  # the loop runs in C++ (_native_forward, _native_backward)
 
 
 def _dropout_mask(like: Tensor, p: float) -> Tensor:
@@ -418,13 +434,14 @@ def _vector_input_path(L: int, B: int, D: int, H: int, dk: int, dv: int, G: int)
     * "projected" (:class:`_VectorProjections`): as many products as "per-step", in one batched product for all
       steps instead of one per step; it pays when the per-step weights it stops reading are large against what it
       reads instead (``B x (G + H)``): long sequences of few samples, as PPO minibatches of a few 128-step
-      sequences on Atari (measured 1.17x at B = 2, 1.05x at B = 4, 0.93x at B = 8 for the Atari sizes).
+      sequences on Atari (measured against "per-step" for the Atari sizes, Python loop: 1.17x at B = 2, 1.05x at
+      B = 4, 0.93x at B = 8; C++ loop: 1.29x, 1.23x, 0.97x).
     """
     if VECTOR_INPUT_PATH is not None:
         return VECTOR_INPUT_PATH
     if L > 1 and D * (H + G) < dk * H + dv * G:  # (one step does not pay for folding the weights)
         return "folded"
-    if L > 1 and dv * G + H * dk >= 24 * B * (G + H):
+    if L > 1 and dv * G + H * dk >= 12 * B * (G + H):
         return "projected"
     return "per-step"
 
@@ -690,12 +707,18 @@ class _RIMSequence(torch.autograd.Function):
     def forward(ctx, cfg, keys, values, gates_x_all, h0, c0, keep, *weights):  # type: ignore[override]
         K, B, H = h0.shape
         L = (keys if keys is not None else gates_x_all).shape[0]
-        read_size = values.shape[-1] * cfg.heads if cfg.mode in ("vector", "set") else 0
-        tape = _Tape(K, L, B, H, h0, read_size, cfg.comm_heads * cfg.comm_value_size if cfg.communication else None)
         proj = _vector_projections(keys, values, weights) if cfg.mode == "projected" else None
-        outputs, h_n, c_n, masks, attention = _run_loop(
-            cfg, keys, values, gates_x_all, h0, c0, keep, weights, tape, proj
-        )
+        if cfg.native:
+            outputs, h_n, c_n, masks, attention, tape = _native_forward(
+                cfg, keys, values, h0, c0, keep, weights, True, proj
+            )
+        else:
+            read_size = values.shape[-1] * cfg.heads if cfg.mode in ("vector", "set") else 0
+            comm_in = cfg.comm_heads * cfg.comm_value_size if cfg.communication else None
+            tape = _Tape(K, L, B, H, h0, read_size, comm_in)
+            outputs, h_n, c_n, masks, attention = _run_loop(
+                cfg, keys, values, gates_x_all, h0, c0, keep, weights, tape, proj
+            )
         ctx.cfg, ctx.tape, ctx.keep, ctx.proj = cfg, tape, keep, proj
         wq, bq, wih, _, whh, _, wqkv, wout, _ = weights  # the other biases are not needed to go back
         ctx.save_for_backward(keys, values, wq, bq, wih, whh, wqkv, wout)
@@ -709,138 +732,28 @@ class _RIMSequence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_outputs, d_hn, d_cn, _d_masks, _d_attention):  # type: ignore[override]
         cfg: _LoopConfig = ctx.cfg
-        tape: _Tape = ctx.tape
-        steps = tape.steps
-        keys, values, wq, bq, wih, whh, wqkv, wout = ctx.saved_tensors
-        proj: _VectorProjections | None = ctx.proj
-        K, L, B, H = tape.h_in.shape
+        tape = ctx.tape  # _Tape, or _NativeTape from the C++ loop
+        keys, values, wq, bq, wih, whh, _, _ = ctx.saved_tensors
+        K, L, B, _ = tape.h_in.shape
         G = whh.shape[-1]
         Hi, dk = cfg.heads, cfg.key_size
-        Hc, ck, cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
         lstm = cfg.cell == "lstm"
         mode = cfg.mode
         with_queries = mode in ("vector", "set")  # their gradient rows are [queries | recurrent gate inputs]
         dq = wq.shape[-1] if with_queries else 0
-        like = tape.h_in[:, 0]
-        new = like.new_empty
-        dh = d_hn if d_hn is not None else torch.zeros_like(like)
-        dc = (d_cn if d_cn is not None else torch.zeros_like(like)) if lstm else None
-        zero = like.new_zeros(())
-        scale = 1.0 / math.sqrt(ck)
-        # Gradients of the per-unit products' outputs at every step, (K, L, B, .):
-        # d_hz: [queries | recurrent gate inputs] (vector and set modes) or the recurrent gate inputs; d_gx: the input
-        # side of the gates (the same tensor for an LSTM); d_s: the input-attention scores (N = 1).
-        d_hz = new(K, L, B, dq + G)
-        d_gh = d_hz[..., dq:]
-        d_gx = d_gh if lstm else new(K, L, B, G)
-        d_s_all = new(K, L, B, Hi) if mode in ("vector", "projected") else None
-        d_pre_all = new(K, L, B, 2 * H) if cfg.communication else None
-        d_qkv_all = new(K, L, B, Hc * (2 * ck + cv)) if cfg.communication else None
-        w_h_t = (torch.cat([wq, whh], dim=-1) if with_queries else whh).transpose(1, 2)
         wih_t = wih.transpose(1, 2)
-        d_keys, d_values = [], []  # set mode: per step, in reverse time order
-
-        for t in reversed(range(L)):
-            rec = steps[t]
-            if d_outputs is not None:
-                dh = dh + d_outputs[t]
-            mf = rec["mf"]  # (K, B, 1), 1.0 for the active units
-
-            # ---- 4. communication -------------------------------------------------------------------------------
-            if cfg.communication:
-                assert d_pre_all is not None and d_qkv_all is not None
-                update, gate = rec["update"], rec["gate"]
-                dh_active = dh * mf
-                d_pre = d_pre_all[:, t]
-                _tanh_backward_into(dh_active * gate, update, grad_input=d_pre[..., :H])
-                _sigmoid_backward_into(dh_active * update, gate, grad_input=d_pre[..., H:])
-                d_rc = torch.bmm(d_pre, wout.transpose(1, 2)).view(K, B * Hc, cv).transpose(0, 1)  # (B*Hc, K, cv)
-                d_ac = torch.bmm(d_rc, rec["v2"].transpose(1, 2))  # (B*Hc, K queries, K keys)
-                d_v2 = torch.bmm(rec["ac_read"].transpose(1, 2), d_rc)
-                if "drop_c" in rec:
-                    d_ac = d_ac * rec["drop_c"]
-                d_scores_t = torch._softmax_backward_data(d_ac.transpose(1, 2), rec["ac_t"], 1, d_ac.dtype)
-                d_q2 = torch.baddbmm(zero, d_scores_t.transpose(1, 2), rec["k2"], beta=0.0, alpha=scale)
-                d_k2 = torch.baddbmm(zero, d_scores_t, rec["q2"], beta=0.0, alpha=scale)
-                d_qkv = d_qkv_all[:, t]
-                d_qkv.view(K, B, Hc, -1).copy_(
-                    torch.cat([d_q2, d_k2, d_v2], dim=-1).view(B, Hc, K, -1).permute(2, 0, 1, 3)
-                )
-                dh1 = torch.baddbmm(dh, d_qkv, wqkv.transpose(1, 2))  # residual + through q, k, v
-            else:
-                dh1 = dh
-
-            # ---- 3. dynamics ---------------------------------------------------------------------------------
-            dh1_active = dh1 * mf
-            if lstm:
-                assert dc is not None
-                ifo, g, tanh_c = rec["ifo"], rec["g"], rec["tanh_c"]
-                i, f, o = ifo.split(H, dim=-1)
-                dc_active = dc * mf
-                dc_new = _tanh_backward(dh1_active * o, tanh_c).add_(dc_active)
-                d_gates = d_gh[:, t]
-                _sigmoid_backward_into(dc_new * g, i, grad_input=d_gates[..., :H])
-                _sigmoid_backward_into(dc_new * rec["c"], f, grad_input=d_gates[..., H : 2 * H])
-                _sigmoid_backward_into(dh1_active * tanh_c, o, grad_input=d_gates[..., 2 * H : 3 * H])
-                _tanh_backward_into(dc_new * i, g, grad_input=d_gates[..., 3 * H :])
-                dc = torch.addcmul(dc - dc_active, dc_new, f)
-                dh_prev = dh1 - dh1_active
-            else:
-                rz, n, gh_n = rec["rz"], rec["n"], rec["gh_n"]
-                r, z = rz.split(H, dim=-1)
-                dgx, dgh = d_gx[:, t], d_gh[:, t]
-                d_n = _tanh_backward_into(
-                    torch.addcmul(dh1_active, dh1_active, z, value=-1.0), n, grad_input=dgx[..., 2 * H :]
-                )
-                _sigmoid_backward_into(d_n * gh_n, r, grad_input=dgx[..., :H])
-                _sigmoid_backward_into(dh1_active * (rec["h"] - n), z, grad_input=dgx[..., H : 2 * H])
-                dgh[..., : 2 * H].copy_(dgx[..., : 2 * H])
-                torch.mul(d_n, r, out=dgh[..., 2 * H :])
-                dh_prev = torch.addcmul(dh1 - dh1_active, dh1_active, z)
-
-            # ---- 1. input attention -----------------------------------------------------------------------------
-            if mode == "projected":
-                # Through the step-independent projections; their own gradients are formed after the loop.
-                assert proj is not None and d_s_all is not None
-                dh_prev = torch.baddbmm(dh_prev, d_gh[:, t], w_h_t)
-                d_p = torch.bmm(d_gx[:, t].reshape(K * B, 1, G), proj.gates[t].transpose(1, 2)).view(K, B, Hi)
-                if "drop_in" in rec:
-                    d_p = d_p * rec["drop_in"]
-                d_s = _sigmoid_backward_into(d_p, rec["p"], grad_input=d_s_all[:, t])  # (K, B, Hi), score gradients
-                dh_prev = torch.baddbmm(
-                    dh_prev.view(K * B, 1, H), d_s.reshape(K * B, 1, Hi), proj.score_weight[t].transpose(1, 2)
-                ).view(K, B, H)
-            elif with_queries:
-                d_read = torch.bmm(d_gx[:, t], wih_t)  # (K, B, Hi*dv)
-                d_q = d_hz[:, t, :, :dq].view(K, B, Hi, dk)
-                if mode == "vector":
-                    assert d_s_all is not None
-                    d_p = (d_read.view(K, B, Hi, -1) * values[t]).sum(-1)  # (K, B, Hi)
-                    if "drop_in" in rec:
-                        d_p = d_p * rec["drop_in"]
-                    d_s = _sigmoid_backward_into(d_p, rec["p"], grad_input=d_s_all[:, t])
-                    torch.mul(d_s.unsqueeze(-1), keys[t], out=d_q)
-                else:
-                    a, a_read = rec["a"], rec["a_read"]  # (B, Hi, K, N+1), (B, Hi, K, N)
-                    d_read = d_read.view(K, B, Hi, -1).permute(1, 2, 0, 3)  # (B, Hi, K, dv)
-                    d_a = torch.matmul(d_read, values[t].transpose(-1, -2))  # (B, Hi, K, N)
-                    d_values.append(torch.matmul(a_read.transpose(-1, -2), d_read))  # (B, Hi, N, dv)
-                    if "drop_in" in rec:
-                        d_a = d_a * rec["drop_in"]
-                    a_real = a[..., 1:]
-                    d_scores = a_real * (d_a - (d_a * a_real).sum(-1, keepdim=True))  # null column: no read
-                    q_b = rec["q"].permute(1, 2, 0, 3)  # (B, Hi, K, dk)
-                    d_q.copy_(torch.matmul(d_scores, keys[t].transpose(-1, -2)).permute(2, 0, 1, 3))
-                    d_keys.append(torch.matmul(q_b.transpose(-1, -2), d_scores))  # (B, Hi, dk, N)
-                dh_prev = torch.baddbmm(dh_prev, d_hz[:, t], w_h_t)  # through the queries and the gates
-            else:
-                dh_prev = torch.baddbmm(dh_prev, d_gh[:, t], w_h_t)
-
-            if rec.get("reset"):
-                dh_prev = dh_prev * ctx.keep[t]
-                if dc is not None:
-                    dc = dc * ctx.keep[t]
-            dh = dh_prev
+        if cfg.native:
+            dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all = _native_backward(ctx, d_outputs, d_hn, d_cn)
+            d_keys: list[Tensor] = []
+            d_values: list[Tensor] = []
+            p_read_all = tape.p.transpose(0, 1)  # (K, L, B, Hi)
+        else:
+            dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all, d_keys, d_values = _backward_loop(
+                ctx, d_outputs, d_hn, d_cn
+            )
+            p_read_all = (
+                torch.stack([rec["p_read"] for rec in tape.steps], dim=1) if mode in ("vector", "projected") else None
+            )
 
         # ---- Weight gradients, each one batched product over all steps -------------------------------------------
         def rows(x: Tensor) -> Tensor:  # (K, L, B, n) -> (K, L*B, n)
@@ -881,14 +794,15 @@ class _RIMSequence(torch.autograd.Function):
         else:  # N = 1: keys and values gradients for all steps at once, (K, L, B, .) summed over the units
             assert d_s_all is not None
             dv = values.shape[-1]
-            p_read = torch.stack([rec["p_read"] for rec in steps], dim=1).unsqueeze(-1)  # (K, L, B, Hi, 1)
+            assert p_read_all is not None
+            p_read = p_read_all.unsqueeze(-1)  # (K, L, B, Hi, 1)
             d_read = torch.bmm(d_gx_rows, wih_t).view(K, L, B, Hi, dv)
             d_values_all = (d_read * p_read).sum(0)  # (L, B, Hi, dv)
             q = torch.baddbmm(bq, h_in, wq).view(K, L, B, Hi, dk)
             d_s = d_s_all.unsqueeze(-1)  # (K, L, B, Hi, 1)
             d_keys_all = (d_s * q).sum(0)  # (L, B, Hi, dk)
             if mode == "projected":  # the query and input-to-gate weights were only used through the projections
-                read = (p_read * values.unsqueeze(0)).view(K, L * B, Hi * dv)
+                read = (p_read * values.unsqueeze(0)).reshape(K, L * B, Hi * dv)
                 d_wih = torch.bmm(read.transpose(1, 2), d_gx_rows)
                 d_bih = d_gx_rows.sum(1, keepdim=True)
                 d_q = (d_s * keys.unsqueeze(0)).view(K, L * B, Hi * dk)
@@ -898,3 +812,276 @@ class _RIMSequence(torch.autograd.Function):
             None, d_keys_all, d_values_all, d_gates_all, dh, dc, None,
             d_wq, d_bq, d_wih, d_bih, d_whh, d_bhh, d_wqkv, d_wout, d_bout,
         )  # fmt: skip
+
+
+def _backward_loop(ctx: Any, d_outputs: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None) -> tuple[Any, ...]:
+    """The per-step part of :meth:`_RIMSequence.backward` in Python: the gradients of every step's per-unit products
+    (written into per-sequence buffers ``(K, L, B, .)``) and of the state entering the sequence. The reference for
+    the C++ transcription (``_native_backward``)."""
+    cfg: _LoopConfig = ctx.cfg
+    tape: _Tape = ctx.tape
+    steps = tape.steps
+    keys, values, wq, _, wih, whh, wqkv, wout = ctx.saved_tensors
+    proj: _VectorProjections | None = ctx.proj
+    K, L, B, H = tape.h_in.shape
+    G = whh.shape[-1]
+    Hi, dk = cfg.heads, cfg.key_size
+    Hc, ck, cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
+    lstm = cfg.cell == "lstm"
+    mode = cfg.mode
+    with_queries = mode in ("vector", "set")  # their gradient rows are [queries | recurrent gate inputs]
+    dq = wq.shape[-1] if with_queries else 0
+    like = tape.h_in[:, 0]
+    new = like.new_empty
+    dh = d_hn if d_hn is not None else torch.zeros_like(like)
+    dc = (d_cn if d_cn is not None else torch.zeros_like(like)) if lstm else None
+    zero = like.new_zeros(())
+    scale = 1.0 / math.sqrt(ck)
+    # Gradients of the per-unit products' outputs at every step, (K, L, B, .):
+    # d_hz: [queries | recurrent gate inputs] (vector and set modes) or the recurrent gate inputs; d_gx: the input
+    # side of the gates (the same tensor for an LSTM); d_s: the input-attention scores (N = 1).
+    d_hz = new(K, L, B, dq + G)
+    d_gh = d_hz[..., dq:]
+    d_gx = d_gh if lstm else new(K, L, B, G)
+    d_s_all = new(K, L, B, Hi) if mode in ("vector", "projected") else None
+    d_pre_all = new(K, L, B, 2 * H) if cfg.communication else None
+    d_qkv_all = new(K, L, B, Hc * (2 * ck + cv)) if cfg.communication else None
+    w_h_t = (torch.cat([wq, whh], dim=-1) if with_queries else whh).transpose(1, 2)
+    wih_t = wih.transpose(1, 2)
+    d_keys, d_values = [], []  # set mode: per step, in reverse time order
+
+    for t in reversed(range(L)):
+        rec = steps[t]
+        if d_outputs is not None:
+            dh = dh + d_outputs[t]
+        mf = rec["mf"]  # (K, B, 1), 1.0 for the active units
+
+        # ---- 4. communication -------------------------------------------------------------------------------
+        if cfg.communication:
+            assert d_pre_all is not None and d_qkv_all is not None
+            update, gate = rec["update"], rec["gate"]
+            dh_active = dh * mf
+            d_pre = d_pre_all[:, t]
+            _tanh_backward_into(dh_active * gate, update, grad_input=d_pre[..., :H])
+            _sigmoid_backward_into(dh_active * update, gate, grad_input=d_pre[..., H:])
+            d_rc = torch.bmm(d_pre, wout.transpose(1, 2)).view(K, B * Hc, cv).transpose(0, 1)  # (B*Hc, K, cv)
+            d_ac = torch.bmm(d_rc, rec["v2"].transpose(1, 2))  # (B*Hc, K queries, K keys)
+            d_v2 = torch.bmm(rec["ac_read"].transpose(1, 2), d_rc)
+            if "drop_c" in rec:
+                d_ac = d_ac * rec["drop_c"]
+            d_scores_t = torch._softmax_backward_data(d_ac.transpose(1, 2), rec["ac_t"], 1, d_ac.dtype)
+            d_q2 = torch.baddbmm(zero, d_scores_t.transpose(1, 2), rec["k2"], beta=0.0, alpha=scale)
+            d_k2 = torch.baddbmm(zero, d_scores_t, rec["q2"], beta=0.0, alpha=scale)
+            d_qkv = d_qkv_all[:, t]
+            d_qkv.view(K, B, Hc, -1).copy_(torch.cat([d_q2, d_k2, d_v2], dim=-1).view(B, Hc, K, -1).permute(2, 0, 1, 3))
+            dh1 = torch.baddbmm(dh, d_qkv, wqkv.transpose(1, 2))  # residual + through q, k, v
+        else:
+            dh1 = dh
+
+        # ---- 3. dynamics ---------------------------------------------------------------------------------
+        dh1_active = dh1 * mf
+        if lstm:
+            assert dc is not None
+            ifo, g, tanh_c = rec["ifo"], rec["g"], rec["tanh_c"]
+            i, f, o = ifo.split(H, dim=-1)
+            dc_active = dc * mf
+            dc_new = _tanh_backward(dh1_active * o, tanh_c).add_(dc_active)
+            d_gates = d_gh[:, t]
+            _sigmoid_backward_into(dc_new * g, i, grad_input=d_gates[..., :H])
+            _sigmoid_backward_into(dc_new * rec["c"], f, grad_input=d_gates[..., H : 2 * H])
+            _sigmoid_backward_into(dh1_active * tanh_c, o, grad_input=d_gates[..., 2 * H : 3 * H])
+            _tanh_backward_into(dc_new * i, g, grad_input=d_gates[..., 3 * H :])
+            dc = torch.addcmul(dc - dc_active, dc_new, f)
+            dh_prev = dh1 - dh1_active
+        else:
+            rz, n, gh_n = rec["rz"], rec["n"], rec["gh_n"]
+            r, z = rz.split(H, dim=-1)
+            dgx, dgh = d_gx[:, t], d_gh[:, t]
+            d_n = _tanh_backward_into(
+                torch.addcmul(dh1_active, dh1_active, z, value=-1.0), n, grad_input=dgx[..., 2 * H :]
+            )
+            _sigmoid_backward_into(d_n * gh_n, r, grad_input=dgx[..., :H])
+            _sigmoid_backward_into(dh1_active * (rec["h"] - n), z, grad_input=dgx[..., H : 2 * H])
+            dgh[..., : 2 * H].copy_(dgx[..., : 2 * H])
+            torch.mul(d_n, r, out=dgh[..., 2 * H :])
+            dh_prev = torch.addcmul(dh1 - dh1_active, dh1_active, z)
+
+        # ---- 1. input attention -----------------------------------------------------------------------------
+        if mode == "projected":
+            # Through the step-independent projections; their own gradients are formed after the loop.
+            assert proj is not None and d_s_all is not None
+            dh_prev = torch.baddbmm(dh_prev, d_gh[:, t], w_h_t)
+            d_p = torch.bmm(d_gx[:, t].reshape(K * B, 1, G), proj.gates[t].transpose(1, 2)).view(K, B, Hi)
+            if "drop_in" in rec:
+                d_p = d_p * rec["drop_in"]
+            d_s = _sigmoid_backward_into(d_p, rec["p"], grad_input=d_s_all[:, t])  # (K, B, Hi), score gradients
+            dh_prev = torch.baddbmm(
+                dh_prev.view(K * B, 1, H), d_s.reshape(K * B, 1, Hi), proj.score_weight[t].transpose(1, 2)
+            ).view(K, B, H)
+        elif with_queries:
+            d_read = torch.bmm(d_gx[:, t], wih_t)  # (K, B, Hi*dv)
+            d_q = d_hz[:, t, :, :dq].view(K, B, Hi, dk)
+            if mode == "vector":
+                assert d_s_all is not None
+                d_p = (d_read.view(K, B, Hi, -1) * values[t]).sum(-1)  # (K, B, Hi)
+                if "drop_in" in rec:
+                    d_p = d_p * rec["drop_in"]
+                d_s = _sigmoid_backward_into(d_p, rec["p"], grad_input=d_s_all[:, t])
+                torch.mul(d_s.unsqueeze(-1), keys[t], out=d_q)
+            else:
+                a, a_read = rec["a"], rec["a_read"]  # (B, Hi, K, N+1), (B, Hi, K, N)
+                d_read = d_read.view(K, B, Hi, -1).permute(1, 2, 0, 3)  # (B, Hi, K, dv)
+                d_a = torch.matmul(d_read, values[t].transpose(-1, -2))  # (B, Hi, K, N)
+                d_values.append(torch.matmul(a_read.transpose(-1, -2), d_read))  # (B, Hi, N, dv)
+                if "drop_in" in rec:
+                    d_a = d_a * rec["drop_in"]
+                a_real = a[..., 1:]
+                d_scores = a_real * (d_a - (d_a * a_real).sum(-1, keepdim=True))  # null column: no read
+                q_b = rec["q"].permute(1, 2, 0, 3)  # (B, Hi, K, dk)
+                d_q.copy_(torch.matmul(d_scores, keys[t].transpose(-1, -2)).permute(2, 0, 1, 3))
+                d_keys.append(torch.matmul(q_b.transpose(-1, -2), d_scores))  # (B, Hi, dk, N)
+            dh_prev = torch.baddbmm(dh_prev, d_hz[:, t], w_h_t)  # through the queries and the gates
+        else:
+            dh_prev = torch.baddbmm(dh_prev, d_gh[:, t], w_h_t)
+
+        if rec.get("reset"):
+            dh_prev = dh_prev * ctx.keep[t]
+            if dc is not None:
+                dc = dc * ctx.keep[t]
+        dh = dh_prev
+
+    return dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all, d_keys, d_values
+
+
+# ====================================================================================================================
+# The same loop in C++ (rims_rl/csrc/rim_loop.cpp)
+# ====================================================================================================================
+NATIVE_LOOP: bool | None = None
+"""Whether the loop runs in C++ where it applies (input attention over a single vector, on any of its paths but
+"projected", without attention dropout or dropped units): None (default) uses it when it builds, else the Python
+loop after one warning; True requires it (a build failure raises); False never uses it. The environment variable
+``RIMS_RL_NATIVE=0`` makes the default False. The source is compiled once, on first use, by
+:func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; ~30 s) and cached in its build directory
+(``TORCH_EXTENSIONS_DIR``). Same ops in the same order as the Python loop, so the same results (the tests run every
+RIM test on both); it saves the interpreter's time between ~75 small ops per step."""
+
+_native_state: dict[str, Any] = {}
+
+
+def _native() -> Any | None:
+    """The compiled loop, or None where it is not to be used or cannot be built (see :data:`NATIVE_LOOP`)."""
+    wanted = NATIVE_LOOP if NATIVE_LOOP is not None else os.environ.get("RIMS_RL_NATIVE", "1") != "0"
+    if not wanted:
+        return None
+    if "module" in _native_state:
+        return _native_state["module"]
+    if "error" not in _native_state:
+        source = Path(__file__).with_name("csrc") / "rim_loop.cpp"
+        notice = threading.Timer(
+            2.0, lambda: print("rims_rl: compiling the RIM's C++ loop (once; cached afterwards)...", flush=True)
+        )
+        notice.daemon = True
+        notice.start()
+        try:
+            from torch.utils import cpp_extension
+
+            _put_ninja_on_path()
+            _native_state["module"] = cpp_extension.load(
+                "rims_rl_rim_loop", [str(source)], extra_cflags=["-O3"], verbose=False
+            )
+            return _native_state["module"]
+        except Exception as exc:  # no compiler, no ninja, no headers: the Python loop computes the same
+            lines = str(exc).strip().splitlines()
+            _native_state["error"] = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+
+            warnings.warn(
+                f"rims_rl: could not build the RIM's C++ loop ({_native_state['error']}); using the Python loop "
+                "(same results, slower). Set RIMS_RL_NATIVE=0 to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        finally:
+            notice.cancel()
+    if NATIVE_LOOP:
+        raise RuntimeError(
+            f"rims_rl.rim.NATIVE_LOOP is True but the C++ loop could not be built: {_native_state['error']}"
+        )
+    return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the one pip installed with the project is in the environment's
+    ``bin``, which is not on PATH when its scripts are run without activating it (``.venv/bin/rims-rl``)."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja  # the PyPI package: its binary's directory
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
+class _NativeTape(NamedTuple):
+    """What the C++ forward keeps for the backward (see rim_loop.cpp; empty tensors where a part is absent)."""
+
+    h_in: Tensor  # (K, L, B, H), the state entering each step (after resets)
+    read: Tensor  # (K, L, B, Hi*dv), what each unit read
+    h1: Tensor  # (K, L, B, H), the state entering communication
+    rc: Tensor  # (K, L, B, Hc*cv), what each unit read from the others
+    c_in: Tensor  # (L, K, B, H), the LSTM cell state entering each step
+    mf: Tensor  # (L, K, B, 1), 1.0 for the active units
+    act: Tensor  # (L, K, B, G), the gate activations
+    aux: Tensor  # (L, K, B, H), LSTM: tanh(c); GRU: W_hn h + b_hn
+    p: Tensor  # (L, K, B, Hi), attention on the input per head
+    qkv: Tensor  # (L, K, B, Hc*(2ck+cv)), communication queries, keys and values
+    ac: Tensor  # (L, B*Hc, K, K), communication attention, key-major
+    ug: Tensor  # (L, K, B, 2H), communication update and gate
+
+
+def _native_forward(
+    cfg: _LoopConfig,
+    keys: Tensor,
+    values: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    keep: Tensor | None,
+    weights: tuple[Tensor | None, ...],
+    record: bool,
+    proj: _VectorProjections | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, _NativeTape | None]:
+    """:func:`_run_loop` in C++ for modes "vector" and "projected" (with ``proj``): outputs ``(L, K, B, H)``,
+    ``h_n``, ``c_n``, masks ``(L, K, B)``, attention on the input ``(L, K, B)`` and, with ``record``, the tape."""
+    L = keys.shape[0]
+    lstm = cfg.cell == "lstm"
+    reset_steps = (keep != 1).flatten(1).any(1).tolist() if keep is not None else [False] * L
+    out = _native().forward(  # type: ignore[union-attr]
+        keys, values, h, c, keep, reset_steps, *weights, *(proj[:] if proj is not None else (None,) * 4),
+        cfg.k_active, cfg.comm_heads, cfg.comm_key_size,
+        cfg.comm_value_size, lstm, cfg.communication, record, L > 1,
+    )  # fmt: skip
+    outputs, h_n, c_n, masks, attention = out[:5]
+    return outputs, h_n, c_n if lstm else None, masks, attention, _NativeTape(*out[5:]) if record else None
+
+
+def _native_backward(ctx: Any, d_outputs: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None) -> tuple[Any, ...]:
+    """:func:`_backward_loop` in C++: ``dh_0``, ``dc_0`` and the per-sequence gradient buffers."""
+    cfg: _LoopConfig = ctx.cfg
+    tape: _NativeTape = ctx.tape
+    keys, values, wq, _, wih, whh, wqkv, wout = ctx.saved_tensors
+    L = keys.shape[0]
+    keep = ctx.keep
+    proj: _VectorProjections | None = ctx.proj
+    reset_steps = (keep != 1).flatten(1).any(1).tolist() if keep is not None else [False] * L
+    lstm = cfg.cell == "lstm"
+    dh, dc, d_hz, d_gx, d_s, d_pre, d_qkv = _native().backward(  # type: ignore[union-attr]
+        d_outputs, d_hn, d_cn, keys, values, keep, reset_steps, tape.h_in, tape.c_in, tape.mf, tape.act, tape.aux,
+        tape.p, tape.qkv, tape.ac, tape.ug, wq, wih, whh, wqkv, wout,
+        proj.score_weight if proj is not None else None, proj.gates if proj is not None else None,
+        cfg.comm_heads, cfg.comm_key_size,
+        cfg.comm_value_size, lstm, cfg.communication,
+    )  # fmt: skip
+    communication = cfg.communication
+    return (
+        dh, dc if lstm else None, d_hz, None if lstm else d_gx, d_s,
+        d_pre if communication else None, d_qkv if communication else None,
+    )  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -13,13 +14,22 @@ from rims_rl.rim import RIM
 from tests.rim_reference import reference_forward
 
 
-@pytest.fixture(autouse=True, params=["per-step", "projected", "folded"])
+@pytest.fixture(
+    autouse=True,
+    params=list(itertools.product(["per-step", "projected", "folded"], [False, True])),
+    ids=lambda p: f"{p[0]}-{'cpp' if p[1] else 'python'}",
+)
 def vector_input_path(request, monkeypatch):
     """Every test runs each way a single input vector can go: per-step query and input-to-gate products, the
     step-independent projections (``_VectorProjections``), or the key and value projections folded into the
-    query and input-to-gate weights (``_fold_input``). Chosen by sizes in use, forced here."""
-    monkeypatch.setattr(rims_rl.rim, "VECTOR_INPUT_PATH", request.param)
-    return request.param
+    query and input-to-gate weights (``_fold_input``), chosen by sizes in use and forced here; and each with the
+    loop in Python and in C++ (``NATIVE_LOOP``; it covers what it applies to, the rest runs in Python)."""
+    path, native = request.param
+    if native and rims_rl.rim._native() is None:
+        pytest.skip("the C++ loop could not be built here (test_native_loop_builds says why)")
+    monkeypatch.setattr(rims_rl.rim, "VECTOR_INPUT_PATH", path)
+    monkeypatch.setattr(rims_rl.rim, "NATIVE_LOOP", native)
+    return path
 
 
 K, H, D = 5, 6, 7
@@ -335,9 +345,48 @@ def test_the_vector_input_path_is_chosen_by_sizes(monkeypatch):
     # Atari: CNN features 512, RIM 6 x 100, keys 64, values 100 per head, LSTM gates 400; PPO minibatches of two
     # 128-step sequences: projected; rollout steps and larger batches: per step.
     assert choose(L=128, B=2, D=512, H=100, dk=64, dv=100, G=400) == "projected"
+    assert choose(L=128, B=4, D=512, H=100, dk=64, dv=100, G=400) == "projected"
     assert choose(L=1, B=8, D=512, H=100, dk=64, dv=100, G=400) == "per-step"
     assert choose(L=128, B=8, D=512, H=100, dk=64, dv=100, G=400) == "per-step"
     # CartPoleNoVel: 2 observation numbers against keys of 16 and values of 32 per head: folded for sequences; a
     # single rollout step does not pay for folding the weights.
     assert choose(L=16, B=32, D=2, H=32, dk=16, dv=32, G=128) == "folded"
     assert choose(L=1, B=32, D=2, H=32, dk=16, dv=32, G=128) == "per-step"
+
+
+def test_native_loop_builds(monkeypatch):
+    """The C++ loop builds where the tests run (a compiler and ninja): a broken build would otherwise only show as
+    skipped C++ variants of the tests above. ``RIMS_RL_NATIVE=0`` opts out."""
+    if os.environ.get("RIMS_RL_NATIVE", "1") == "0":
+        pytest.skip("RIMS_RL_NATIVE=0: the C++ loop is switched off")
+    monkeypatch.setattr(rims_rl.rim, "NATIVE_LOOP", True)
+    assert rims_rl.rim._native() is not None
+
+
+def test_native_loop_runs_where_it_applies_and_python_elsewhere(monkeypatch):
+    """With the C++ loop on, one input vector without attention dropout never enters the Python loop (forward,
+    backward, without gradient); attention dropout or an input set still do, with the same results as before."""
+    monkeypatch.setattr(rims_rl.rim, "NATIVE_LOOP", None)
+    if rims_rl.rim._native() is None:
+        pytest.skip("the C++ loop could not be built here (test_native_loop_builds says why)")
+    monkeypatch.setattr(rims_rl.rim, "NATIVE_LOOP", True)
+    calls = []
+    for name in ("_run_loop", "_backward_loop"):
+        original = getattr(rims_rl.rim, name)
+        monkeypatch.setattr(rims_rl.rim, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    x, h0, c0 = random_inputs()
+    rim = make_rim()
+    out, _, _ = rim(x[:, :, 0], (h0, c0))
+    out.sum().backward()
+    with torch.no_grad():
+        rim(x[:, :, 0], (h0, c0))
+        rim(x[:1, :, 0], (h0, c0))
+    assert calls == []
+    out, _, _ = make_rim(dropout=0.2)(x[:, :, 0], (h0, c0))
+    out.sum().backward()
+    assert calls == ["_run_loop", "_backward_loop"]
+    calls.clear()
+    xs, _, _ = random_inputs(N=3)
+    with torch.no_grad():
+        make_rim()(xs, (h0, c0))
+    assert calls == ["_run_loop"]
