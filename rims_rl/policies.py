@@ -40,7 +40,7 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from rims_rl.extractors import NatureCNNGrid, input_set_shape
-from rims_rl.rim import RIM, RIMInfo
+from rims_rl.rim import RIM, RIMInfo, run_together
 
 __all__ = [
     "INPUT_SETS",
@@ -106,21 +106,31 @@ class _SharedCriticGradMixin:
 
         return scatter(features) if self.share_features_extractor else tuple(scatter(f) for f in features)  # type: ignore[attr-defined]
 
+    def _process_actor_critic(self, pi_features, vf_features, lstm_states, episode_starts):  # type: ignore[no-untyped-def]
+        """The actor's and the critic's recurrent cores, each on its features: ``(latent, states)`` for each."""
+        return (
+            self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.lstm_actor),  # type: ignore[attr-defined]
+            self._process_sequence(vf_features, lstm_states.vf, episode_starts, self.lstm_critic),  # type: ignore[attr-defined]
+        )
+
     def _critic_latent(self, latent_pi: th.Tensor) -> th.Tensor:
         return latent_pi if self.shared_critic_grad else latent_pi.detach()
 
     def forward(self, obs, lstm_states, episode_starts, deterministic=False):  # type: ignore[no-untyped-def]
         features = self.extract_features(obs)  # type: ignore[attr-defined]
         pi_features, vf_features = (features, features) if self.share_features_extractor else features  # type: ignore[attr-defined]
-        latent_pi, states_pi = self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)  # type: ignore[attr-defined]
         if self.lstm_critic is not None:  # type: ignore[attr-defined]
-            latent_vf, states_vf = self._process_sequence(vf_features, lstm_states.vf, episode_starts, self.lstm_critic)  # type: ignore[attr-defined]
-        elif self.shared_lstm:
-            latent_vf = self._critic_latent(latent_pi)
-            states_vf = (states_pi[0].detach(), states_pi[1].detach())
+            (latent_pi, states_pi), (latent_vf, states_vf) = self._process_actor_critic(
+                pi_features, vf_features, lstm_states, episode_starts
+            )
         else:
-            latent_vf = self.critic(vf_features)  # type: ignore[attr-defined]
-            states_vf = states_pi
+            latent_pi, states_pi = self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)  # type: ignore[attr-defined]
+            if self.shared_lstm:
+                latent_vf = self._critic_latent(latent_pi)
+                states_vf = (states_pi[0].detach(), states_pi[1].detach())
+            else:
+                latent_vf = self.critic(vf_features)  # type: ignore[attr-defined]
+                states_vf = states_pi
         latent_pi = self.mlp_extractor.forward_actor(latent_pi)  # type: ignore[attr-defined]
         latent_vf = self.mlp_extractor.forward_critic(latent_vf)  # type: ignore[attr-defined]
         values = self.value_net(latent_vf)  # type: ignore[attr-defined]
@@ -144,13 +154,13 @@ class _SharedCriticGradMixin:
     def evaluate_actions(self, obs, actions, lstm_states, episode_starts):  # type: ignore[no-untyped-def]
         features = self._sequence_features(obs, episode_starts)
         pi_features, vf_features = (features, features) if self.share_features_extractor else features  # type: ignore[attr-defined]
-        latent_pi, _ = self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)  # type: ignore[attr-defined]
         if self.lstm_critic is not None:  # type: ignore[attr-defined]
-            latent_vf, _ = self._process_sequence(vf_features, lstm_states.vf, episode_starts, self.lstm_critic)  # type: ignore[attr-defined]
-        elif self.shared_lstm:
-            latent_vf = self._critic_latent(latent_pi)
+            (latent_pi, _), (latent_vf, _) = self._process_actor_critic(
+                pi_features, vf_features, lstm_states, episode_starts
+            )
         else:
-            latent_vf = self.critic(vf_features)  # type: ignore[attr-defined]
+            latent_pi, _ = self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)  # type: ignore[attr-defined]
+            latent_vf = self._critic_latent(latent_pi) if self.shared_lstm else self.critic(vf_features)  # type: ignore[attr-defined]
         latent_pi = self.mlp_extractor.forward_actor(latent_pi)  # type: ignore[attr-defined]
         latent_vf = self.mlp_extractor.forward_critic(latent_vf)  # type: ignore[attr-defined]
         distribution = self._get_action_dist_from_latent(latent_pi)  # type: ignore[attr-defined]
@@ -285,12 +295,34 @@ class RIMPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
         ``lstm_states`` a pair of ``(1, n_seq, K * H)``, ``episode_starts`` ``(n_seq * L,)``.
         Returns ``(n_seq * L, K * H)`` outputs and the final state pair.
         """
+        return self._sequence_result(lstm, *lstm(*self._sequence_call(features, lstm_states, episode_starts, lstm)[1:]))
+
+    def _process_actor_critic(self, pi_features, vf_features, lstm_states, episode_starts):  # type: ignore[no-untyped-def]
+        """Both RIMs through :func:`rims_rl.rim.run_together`: same results as one after the other, with their C++
+        loops on two threads at once where they run there."""
+        assert self.rim_critic is not None
+        calls = [
+            self._sequence_call(pi_features, lstm_states.pi, episode_starts, self.rim_actor),
+            self._sequence_call(vf_features, lstm_states.vf, episode_starts, self.rim_critic),
+        ]
+        return [self._sequence_result(call[0], *out) for call, out in zip(calls, run_together(calls), strict=True)]
+
+    def _sequence_call(
+        self, features: th.Tensor, lstm_states: tuple[th.Tensor, th.Tensor], episode_starts: th.Tensor, lstm: RIM
+    ) -> tuple[RIM, th.Tensor, tuple[th.Tensor, th.Tensor], th.Tensor]:
+        """The RIM call for padded sequences: ``(rim, input (L, n_seq, N, D), state, episode_starts (L, n_seq))``."""
         n_seq = lstm_states[0].shape[1]
         x = features.reshape(n_seq, -1, self.input_set_size, lstm.input_size).transpose(0, 1)
         starts = episode_starts.reshape(n_seq, -1).transpose(0, 1)
-        output, (h, c), info = lstm(x, (lstm_states[0][0], lstm_states[1][0]), episode_starts=starts)
+        return lstm, x, (lstm_states[0][0], lstm_states[1][0]), starts
+
+    def _sequence_result(
+        self, lstm: RIM, output: th.Tensor, state: tuple[th.Tensor, th.Tensor], info: RIMInfo
+    ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor]]:
+        """A RIM call's results in sb3-contrib's layout (and the actor's :class:`RIMInfo` kept for logging)."""
         if lstm is self.rim_actor:
             self.rim_info = info
+        h, c = state
         return output.transpose(0, 1).reshape(-1, lstm.hidden_size), (h.unsqueeze(0), c.unsqueeze(0))
 
     def _get_constructor_parameters(self) -> dict[str, Any]:

@@ -22,7 +22,10 @@ import os
 import shutil
 import threading
 import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import torch
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["RIM", "RIMInfo"]
+__all__ = ["RIM", "RIMInfo", "run_together"]
 
 _CELLS = ("lstm", "gru")
 
@@ -282,6 +285,29 @@ class RIM(nn.Module):
         state: tuple[Tensor, Tensor] | None = None,
         episode_starts: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor], RIMInfo]:
+        return self._run(self._prepare(input, state, episode_starts))
+
+    def _run(self, call: _Call) -> tuple[Tensor, tuple[Tensor, Tensor], RIMInfo]:
+        """The loop on a prepared call, and its results in the documented layouts."""
+        cfg, keys, values, h0, c0, keep, weights = (
+            call.cfg,
+            call.keys,
+            call.values,
+            call.h0,
+            call.c0,
+            call.keep,
+            call.weights,
+        )
+        if torch.is_grad_enabled():
+            loop = _RIMSequence.apply(cfg, keys, values, call.gates_x, h0, c0, keep, *weights)
+        elif cfg.native:
+            loop = _native_forward(cfg, keys, values, h0, c0, keep, weights, False, _projections(call))[:5]
+        else:
+            loop = _run_loop(cfg, keys, values, call.gates_x, h0, c0, keep, weights)
+        return self._finish(call, *loop)
+
+    def _prepare(self, input: Tensor, state: tuple[Tensor, Tensor] | None, episode_starts: Tensor | None) -> _Call:
+        """Check the arguments and do the step-independent work (see :meth:`forward`)."""
         x = input
         if x.dim() == 3:
             x = x.unsqueeze(2)
@@ -355,16 +381,15 @@ class RIM(nn.Module):
         )  # fmt: skip
         if loop_mode in ("vector", "projected") and cfg.dropout == 0.0 and not dropped and _native() is not None:
             cfg = cfg._replace(native=True)
-        if torch.is_grad_enabled():
-            outputs, h_n, c_n, masks, attention = _RIMSequence.apply(cfg, keys, values, gates_x, h0, c0, keep, *weights)
-        elif cfg.native:
-            proj = _vector_projections(keys, values, weights) if loop_mode == "projected" else None
-            outputs, h_n, c_n, masks, attention, _ = _native_forward(
-                cfg, keys, values, h0, c0, keep, weights, False, proj
-            )
-        else:
-            outputs, h_n, c_n, masks, attention = _run_loop(cfg, keys, values, gates_x, h0, c0, keep, weights)
+        return _Call(cfg, keys, values, gates_x, h0, c0, keep, weights, x, mode)
 
+    def _finish(
+        self, call: _Call, outputs: Tensor, h_n: Tensor, c_n: Tensor | None, masks: Tensor, attention: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], RIMInfo]:
+        """The loop's results in the documented layouts (see :meth:`forward`)."""
+        x, mode = call.x, call.mode
+        L, B, N, _ = x.shape
+        K, H = self.num_units, self.unit_size
         output = outputs.permute(0, 2, 1, 3).reshape(L, B, K * H)
         h_n = h_n.transpose(0, 1).reshape(B, K * H)
         c_n = c_n.transpose(0, 1).reshape(B, K * H) if c_n is not None else torch.zeros_like(h_n)
@@ -382,6 +407,28 @@ class RIM(nn.Module):
 # ====================================================================================================================
 # The sequence loop and its hand-written backward (back-propagation through time)
 # ====================================================================================================================
+class _Call(NamedTuple):
+    """One RIM call, prepared for the loop (:meth:`RIM._prepare`)."""
+
+    cfg: _LoopConfig
+    keys: Tensor | None
+    values: Tensor | None
+    gates_x: Tensor | None
+    h0: Tensor
+    c0: Tensor | None
+    keep: Tensor | None
+    weights: tuple[Tensor | None, ...]
+    x: Tensor  # the input, (L, B, N, D)
+    mode: str  # what the input attention is: "vector", "set" or "none" (cfg.mode: how the loop computes it)
+
+
+def _projections(call: _Call) -> _VectorProjections | None:
+    if call.cfg.mode != "projected":
+        return None
+    assert call.keys is not None and call.values is not None
+    return _vector_projections(call.keys, call.values, call.weights)
+
+
 class _LoopConfig(NamedTuple):
     mode: str  # "vector" (N = 1), "projected" (N = 1 via _VectorProjections), "set" (N > 1), "none" (no input attn)
     cell: str
@@ -731,97 +778,115 @@ class _RIMSequence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_outputs, d_hn, d_cn, _d_masks, _d_attention):  # type: ignore[override]
-        cfg: _LoopConfig = ctx.cfg
-        tape = ctx.tape  # _Tape, or _NativeTape from the C++ loop
-        keys, values, wq, bq, wih, whh, _, _ = ctx.saved_tensors
-        K, L, B, _ = tape.h_in.shape
-        G = whh.shape[-1]
-        Hi, dk = cfg.heads, cfg.key_size
-        lstm = cfg.cell == "lstm"
-        mode = cfg.mode
-        with_queries = mode in ("vector", "set")  # their gradient rows are [queries | recurrent gate inputs]
-        dq = wq.shape[-1] if with_queries else 0
-        wih_t = wih.transpose(1, 2)
-        if cfg.native:
-            dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all = _native_backward(ctx, d_outputs, d_hn, d_cn)
-            d_keys: list[Tensor] = []
-            d_values: list[Tensor] = []
-            p_read_all = tape.p.transpose(0, 1)  # (K, L, B, Hi)
-        else:
-            dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all, d_keys, d_values = _backward_loop(
-                ctx, d_outputs, d_hn, d_cn
-            )
-            p_read_all = (
-                torch.stack([rec["p_read"] for rec in tape.steps], dim=1) if mode in ("vector", "projected") else None
-            )
+        return _sequence_backward(ctx, ctx.saved_tensors, d_outputs, d_hn, d_cn)
 
-        # ---- Weight gradients, each one batched product over all steps -------------------------------------------
-        def rows(x: Tensor) -> Tensor:  # (K, L, B, n) -> (K, L*B, n)
-            return x.reshape(K, L * B, x.shape[-1])
 
-        h_in = rows(tape.h_in)
-        d_gx_rows = d_hz.view(K, L * B, dq + G)[..., dq:] if lstm else d_gx.view(K, L * B, G)
-        d_w_h = torch.bmm(h_in.transpose(1, 2), d_hz.view(K, L * B, -1))
-        d_b_h = d_hz.sum((1, 2)).unsqueeze(1)
-        d_wq = d_bq = d_wih = d_bih = d_bhh = None
+def _sequence_backward(
+    ctx: Any,
+    saved: tuple[Tensor | None, ...],
+    d_outputs: Tensor | None,
+    d_hn: Tensor | None,
+    d_cn: Tensor | None,
+    loop_grads: tuple[Any, ...] | None = None,
+) -> tuple[Tensor | None, ...]:
+    """The gradients of :class:`_RIMSequence`'s inputs. ``ctx`` holds what its forward kept (cfg, tape, keep,
+    proj), ``saved`` its saved tensors; ``loop_grads``, where given, the result of the per-step part
+    (:func:`_native_backward`), else it is computed here."""
+    cfg: _LoopConfig = ctx.cfg
+    tape = ctx.tape  # _Tape, or _NativeTape from the C++ loop
+    keys, values, wq, bq, wih, whh, _, _ = saved
+    K, L, B, _ = tape.h_in.shape
+    G = whh.shape[-1]
+    Hi, dk = cfg.heads, cfg.key_size
+    lstm = cfg.cell == "lstm"
+    mode = cfg.mode
+    with_queries = mode in ("vector", "set")  # their gradient rows are [queries | recurrent gate inputs]
+    dq = wq.shape[-1] if with_queries else 0
+    wih_t = wih.transpose(1, 2)
+    if cfg.native:
+        if loop_grads is None:
+            loop_grads = _native_backward(ctx, saved, d_outputs, d_hn, d_cn)
+        dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all = loop_grads
+        d_keys: list[Tensor] = []
+        d_values: list[Tensor] = []
+        p_read_all = tape.p.transpose(0, 1)  # (K, L, B, Hi)
+    else:
+        dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all, d_keys, d_values = _backward_loop(
+            ctx, saved, d_outputs, d_hn, d_cn
+        )
+        p_read_all = (
+            torch.stack([rec["p_read"] for rec in tape.steps], dim=1) if mode in ("vector", "projected") else None
+        )
+
+    # ---- Weight gradients, each one batched product over all steps -------------------------------------------
+    def rows(x: Tensor) -> Tensor:  # (K, L, B, n) -> (K, L*B, n)
+        return x.reshape(K, L * B, x.shape[-1])
+
+    h_in = rows(tape.h_in)
+    d_gx_rows = d_hz.view(K, L * B, dq + G)[..., dq:] if lstm else d_gx.view(K, L * B, G)
+    d_w_h = torch.bmm(h_in.transpose(1, 2), d_hz.view(K, L * B, -1))
+    d_b_h = d_hz.sum((1, 2)).unsqueeze(1)
+    d_wq = d_bq = d_wih = d_bih = d_bhh = None
+    if with_queries:
+        d_wq, d_whh = d_w_h.split((dq, G), dim=-1)
+        d_bq, d_b_hh = d_b_h.split((dq, G), dim=-1)
+    else:
+        d_whh, d_b_hh = d_w_h, d_b_h
+    if lstm:
+        d_bih = d_b_hh if with_queries else None  # none/projected modes: b_ih reaches the gates outside the loop
+    else:
+        d_bhh = d_b_hh
         if with_queries:
-            d_wq, d_whh = d_w_h.split((dq, G), dim=-1)
-            d_bq, d_b_hh = d_b_h.split((dq, G), dim=-1)
-        else:
-            d_whh, d_b_hh = d_w_h, d_b_h
-        if lstm:
-            d_bih = d_b_hh if with_queries else None  # none/projected modes: b_ih reaches the gates outside the loop
-        else:
-            d_bhh = d_b_hh
-            if with_queries:
-                d_bih = d_gx.sum((1, 2)).unsqueeze(1)
-        if with_queries:
-            assert tape.read is not None
-            d_wih = torch.bmm(rows(tape.read).transpose(1, 2), d_gx_rows)
-        d_wqkv = d_wout = d_bout = None
-        if cfg.communication:
-            assert tape.h1 is not None and tape.rc is not None and d_pre_all is not None and d_qkv_all is not None
-            d_wqkv = torch.bmm(rows(tape.h1).transpose(1, 2), rows(d_qkv_all))
-            d_wout = torch.bmm(rows(tape.rc).transpose(1, 2), rows(d_pre_all))
-            d_bout = d_pre_all.sum((1, 2)).unsqueeze(1)
+            d_bih = d_gx.sum((1, 2)).unsqueeze(1)
+    if with_queries:
+        assert tape.read is not None
+        d_wih = torch.bmm(rows(tape.read).transpose(1, 2), d_gx_rows)
+    d_wqkv = d_wout = d_bout = None
+    if cfg.communication:
+        assert tape.h1 is not None and tape.rc is not None and d_pre_all is not None and d_qkv_all is not None
+        d_wqkv = torch.bmm(rows(tape.h1).transpose(1, 2), rows(d_qkv_all))
+        d_wout = torch.bmm(rows(tape.rc).transpose(1, 2), rows(d_pre_all))
+        d_bout = d_pre_all.sum((1, 2)).unsqueeze(1)
 
-        d_keys_all = d_values_all = d_gates_all = None
-        if mode == "none":
-            d_gates_all = d_gx.transpose(0, 1)  # (L, K, B, G)
-        elif mode == "set":
-            d_keys_all = torch.stack(d_keys[::-1])
-            d_values_all = torch.stack(d_values[::-1])
-        else:  # N = 1: keys and values gradients for all steps at once, (K, L, B, .) summed over the units
-            assert d_s_all is not None
-            dv = values.shape[-1]
-            assert p_read_all is not None
-            p_read = p_read_all.unsqueeze(-1)  # (K, L, B, Hi, 1)
-            d_read = torch.bmm(d_gx_rows, wih_t).view(K, L, B, Hi, dv)
-            d_values_all = (d_read * p_read).sum(0)  # (L, B, Hi, dv)
-            q = torch.baddbmm(bq, h_in, wq).view(K, L, B, Hi, dk)
-            d_s = d_s_all.unsqueeze(-1)  # (K, L, B, Hi, 1)
-            d_keys_all = (d_s * q).sum(0)  # (L, B, Hi, dk)
-            if mode == "projected":  # the query and input-to-gate weights were only used through the projections
-                read = (p_read * values.unsqueeze(0)).reshape(K, L * B, Hi * dv)
-                d_wih = torch.bmm(read.transpose(1, 2), d_gx_rows)
-                d_bih = d_gx_rows.sum(1, keepdim=True)
-                d_q = (d_s * keys.unsqueeze(0)).view(K, L * B, Hi * dk)
-                d_wq = torch.bmm(h_in.transpose(1, 2), d_q)
-                d_bq = d_q.sum(1, keepdim=True)
-        return (
-            None, d_keys_all, d_values_all, d_gates_all, dh, dc, None,
-            d_wq, d_bq, d_wih, d_bih, d_whh, d_bhh, d_wqkv, d_wout, d_bout,
-        )  # fmt: skip
+    d_keys_all = d_values_all = d_gates_all = None
+    if mode == "none":
+        d_gates_all = d_gx.transpose(0, 1)  # (L, K, B, G)
+    elif mode == "set":
+        d_keys_all = torch.stack(d_keys[::-1])
+        d_values_all = torch.stack(d_values[::-1])
+    else:  # N = 1: keys and values gradients for all steps at once, (K, L, B, .) summed over the units
+        assert d_s_all is not None
+        dv = values.shape[-1]
+        assert p_read_all is not None
+        p_read = p_read_all.unsqueeze(-1)  # (K, L, B, Hi, 1)
+        d_read = torch.bmm(d_gx_rows, wih_t).view(K, L, B, Hi, dv)
+        d_values_all = (d_read * p_read).sum(0)  # (L, B, Hi, dv)
+        q = torch.baddbmm(bq, h_in, wq).view(K, L, B, Hi, dk)
+        d_s = d_s_all.unsqueeze(-1)  # (K, L, B, Hi, 1)
+        d_keys_all = (d_s * q).sum(0)  # (L, B, Hi, dk)
+        if mode == "projected":  # the query and input-to-gate weights were only used through the projections
+            read = (p_read * values.unsqueeze(0)).reshape(K, L * B, Hi * dv)
+            d_wih = torch.bmm(read.transpose(1, 2), d_gx_rows)
+            d_bih = d_gx_rows.sum(1, keepdim=True)
+            d_q = (d_s * keys.unsqueeze(0)).view(K, L * B, Hi * dk)
+            d_wq = torch.bmm(h_in.transpose(1, 2), d_q)
+            d_bq = d_q.sum(1, keepdim=True)
+    return (
+        None, d_keys_all, d_values_all, d_gates_all, dh, dc, None,
+        d_wq, d_bq, d_wih, d_bih, d_whh, d_bhh, d_wqkv, d_wout, d_bout,
+    )  # fmt: skip
 
 
-def _backward_loop(ctx: Any, d_outputs: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None) -> tuple[Any, ...]:
+def _backward_loop(
+    ctx: Any, saved: tuple[Tensor | None, ...], d_outputs: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None
+) -> tuple[Any, ...]:
     """The per-step part of :meth:`_RIMSequence.backward` in Python: the gradients of every step's per-unit products
     (written into per-sequence buffers ``(K, L, B, .)``) and of the state entering the sequence. The reference for
     the C++ transcription (``_native_backward``)."""
     cfg: _LoopConfig = ctx.cfg
     tape: _Tape = ctx.tape
     steps = tape.steps
-    keys, values, wq, _, wih, whh, wqkv, wout = ctx.saved_tensors
+    keys, values, wq, _, wih, whh, wqkv, wout = saved
     proj: _VectorProjections | None = ctx.proj
     K, L, B, H = tape.h_in.shape
     G = whh.shape[-1]
@@ -1063,11 +1128,13 @@ def _native_forward(
     return outputs, h_n, c_n if lstm else None, masks, attention, _NativeTape(*out[5:]) if record else None
 
 
-def _native_backward(ctx: Any, d_outputs: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None) -> tuple[Any, ...]:
+def _native_backward(
+    ctx: Any, saved: tuple[Tensor | None, ...], d_outputs: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None
+) -> tuple[Any, ...]:
     """:func:`_backward_loop` in C++: ``dh_0``, ``dc_0`` and the per-sequence gradient buffers."""
     cfg: _LoopConfig = ctx.cfg
     tape: _NativeTape = ctx.tape
-    keys, values, wq, _, wih, whh, wqkv, wout = ctx.saved_tensors
+    keys, values, wq, _, wih, whh, wqkv, wout = saved
     L = keys.shape[0]
     keep = ctx.keep
     proj: _VectorProjections | None = ctx.proj
@@ -1085,3 +1152,87 @@ def _native_backward(ctx: Any, d_outputs: Tensor | None, d_hn: Tensor | None, d_
         dh, dc if lstm else None, d_hz, None if lstm else d_gx, d_s,
         d_pre if communication else None, d_qkv if communication else None,
     )  # fmt: skip
+
+
+# ====================================================================================================================
+# Several RIMs at once (an actor's and a critic's): their C++ loops on two threads
+# ====================================================================================================================
+_pool_state: dict[str, ThreadPoolExecutor] = {}
+
+
+def _pool() -> ThreadPoolExecutor:
+    if "pool" not in _pool_state:
+        _pool_state["pool"] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rims_rl")
+    return _pool_state["pool"]
+
+
+def run_together(
+    calls: Sequence[tuple[RIM, Tensor, tuple[Tensor, Tensor] | None, Tensor | None]],
+) -> list[tuple[Tensor, tuple[Tensor, Tensor], RIMInfo]]:
+    """``[rim(input, state, episode_starts) for rim, input, state, episode_starts in calls]``, with the same
+    results, but with the RIMs' loops run at once on two threads, forward and backward, where every one of them
+    takes the C++ loop (which runs without the GIL) and torch may use more than one thread
+    (``torch.get_num_threads()``). Meant for an actor's and a critic's RIM on the same observations: at PPO's
+    sizes one loop keeps one core busy with small operations, so two loops take about the time of one on two
+    cores. Otherwise the calls run one after the other."""
+    prepared = [rim._prepare(x, state, starts) for rim, x, state, starts in calls]
+    if len(prepared) < 2 or torch.get_num_threads() < 2 or not all(c.cfg.native for c in prepared):
+        return [rim._run(c) for (rim, *_), c in zip(calls, prepared, strict=False)]
+    if torch.is_grad_enabled():
+        flat: list[Any] = []
+        for c in prepared:
+            flat += [c.cfg, c.keys, c.values, c.h0, c.c0, c.keep, *c.weights]
+        out = _RIMSequences.apply(len(prepared), *flat)
+        loops = [out[5 * i : 5 * i + 5] for i in range(len(prepared))]
+    else:
+        futures = [
+            _pool().submit(
+                _native_forward, c.cfg, c.keys, c.values, c.h0, c.c0, c.keep, c.weights, False, _projections(c)
+            )
+            for c in prepared
+        ]
+        loops = [f.result()[:5] for f in futures]
+    return [rim._finish(c, *loop) for (rim, *_), c, loop in zip(calls, prepared, loops, strict=False)]
+
+
+_ITEM = 15  # what _RIMSequences takes per sequence: cfg, keys, values, h0, c0, keep and the 9 weights
+
+
+class _RIMSequences(torch.autograd.Function):
+    """Several :class:`_RIMSequence` calls on the C++ loop as one autograd node, so their loops run at once on two
+    threads in the backward pass too (the autograd engine runs a CPU graph's nodes one at a time). Each sequence's
+    gradients are those of :class:`_RIMSequence` (:func:`_sequence_backward`)."""
+
+    @staticmethod
+    def forward(ctx, n, *flat):  # type: ignore[override]
+        items = [flat[i * _ITEM : (i + 1) * _ITEM] for i in range(n)]
+        projs, futures = [], []
+        for cfg, keys, values, h0, c0, keep, *weights in items:
+            proj = _vector_projections(keys, values, tuple(weights)) if cfg.mode == "projected" else None
+            projs.append(proj)
+            futures.append(_pool().submit(_native_forward, cfg, keys, values, h0, c0, keep, tuple(weights), True, proj))
+        ctx.subs, outs, fixed = [], [], []
+        for (cfg, keys, values, _, _, keep, *weights), proj, future in zip(items, projs, futures, strict=False):
+            outputs, h_n, c_n, masks, attention, tape = future.result()
+            wq, bq, wih, _, whh, _, wqkv, wout, _ = weights
+            # (inputs kept on the context rather than with save_for_backward, which takes one node's worth)
+            saved = (keys, values, wq, bq, wih, whh, wqkv, wout)
+            ctx.subs.append(SimpleNamespace(cfg=cfg, tape=tape, keep=keep, proj=proj, saved=saved))
+            outs += [outputs, h_n, c_n, masks, attention]
+            fixed += [masks, attention]
+        ctx.mark_non_differentiable(*fixed)
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):  # type: ignore[override]
+        subs = ctx.subs
+        futures = [
+            _pool().submit(_native_backward, sub, sub.saved, *grads[5 * i : 5 * i + 3]) for i, sub in enumerate(subs)
+        ]
+        result: list[Tensor | None] = [None]  # n
+        for i, (sub, future) in enumerate(zip(subs, futures, strict=False)):
+            g = _sequence_backward(sub, sub.saved, *grads[5 * i : 5 * i + 3], loop_grads=future.result())
+            result += [g[0], g[1], g[2], g[4], g[5], g[6], *g[7:]]  # _RIMSequence's, less its gates_x (index 3)
+        return tuple(result)

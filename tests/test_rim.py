@@ -390,3 +390,30 @@ def test_native_loop_runs_where_it_applies_and_python_elsewhere(monkeypatch):
     with torch.no_grad():
         make_rim()(xs, (h0, c0))
     assert calls == ["_run_loop"]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_run_together_equals_one_after_the_other(cell):
+    """Two RIMs (an actor's and a critic's) through ``run_together``: the same outputs, states, infos and gradients
+    as calling them one after the other, with and without gradient (on the C++ loop their loops run on two
+    threads at once)."""
+    a, b = make_rim(cell=cell), make_rim(cell=cell, k_active=4)
+    x, h0, c0 = random_inputs()
+    x = x[:, :, 0].requires_grad_()
+    h0.requires_grad_()
+    starts = torch.zeros(x.shape[:2])
+    starts[2, 1] = 1.0
+    leaves = [x, h0, *a.parameters(), *b.parameters()]
+    results = []
+    for together in (False, True):
+        for p in leaves:
+            p.grad = None
+        calls = [(a, x, (h0, c0), starts), (b, x * 2.0, None, starts)]
+        outs = rims_rl.rim.run_together(calls) if together else [rim(i, s, e) for rim, i, s, e in calls]
+        sum(o.sin().sum() + h.cos().sum() + c.sum() for o, (h, c), _ in outs).backward()
+        with torch.no_grad():
+            no_grad = rims_rl.rim.run_together(calls) if together else [rim(i, s, e) for rim, i, s, e in calls]
+        flat = [t for o, (h, c), info in outs for t in (o, h, c, info.activation_mask, info.input_attention)]
+        results.append(flat + [p.grad.clone() for p in leaves] + [t for o, (h, c), _ in no_grad for t in (o, h, c)])
+    for one_by_one, together in zip(*results, strict=True):
+        torch.testing.assert_close(together, one_by_one, rtol=0, atol=0)

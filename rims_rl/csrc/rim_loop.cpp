@@ -52,6 +52,7 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
                                 const std::optional<Tensor>& score_bias, const std::optional<Tensor>& proj_gates,
                                 const std::optional<Tensor>& gate_bias, int64_t k_active, int64_t Hc, int64_t ck,
                                 int64_t cv, bool lstm, bool communication, bool record, bool merged) {
+  at::NoGradGuard no_grad;  // also when called from a thread of its own (grad mode is per thread)
   const Sizes s = sizes_of(keys, values, h, wih);
   const int64_t L = s.L, K = s.K, B = s.B, H = s.H, Hi = s.Hi, dk = s.dk, dv = s.dv, dq = s.dq, G = s.G;
   const int64_t dqkv = 2 * ck + cv;
@@ -218,6 +219,7 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
                                  const std::optional<Tensor>& wqkv, const std::optional<Tensor>& wout,
                                  const std::optional<Tensor>& score_weight, const std::optional<Tensor>& proj_gates,
                                  int64_t Hc, int64_t ck, int64_t cv, bool lstm, bool communication) {
+  at::NoGradGuard no_grad;
   const bool projected = score_weight.has_value();
   const int64_t K = h_in.size(0), L = h_in.size(1), B = h_in.size(2), H = h_in.size(3);
   const int64_t Hi = keys.size(2), dk = keys.size(3), dv = values.size(3), G = wih.size(2);
@@ -346,6 +348,9 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &rim_forward, "RIM loop over a sequence (input attention over one vector per step)");
-  m.def("backward", &rim_backward, "Backward through time of the RIM loop");
+  // Without the GIL: two loops (an actor's and a critic's RIM) can run at once from two Python threads.
+  m.def("forward", &rim_forward, "RIM loop over a sequence (input attention over one vector per step)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("backward", &rim_backward, "Backward through time of the RIM loop",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
