@@ -180,7 +180,8 @@ class RIMPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
         ``input_attention``, ``communication``).
     :param shared_rim: the critic reuses the actor's RIM output, detached (sb3-contrib's ``shared_lstm``).
     :param enable_critic_rim: the critic has its own RIM (sb3-contrib's ``enable_critic_lstm``, default).
-        With neither, the critic is a linear layer on the features.
+        With neither, the critic is a linear layer on the features. The actor's and the critic's RIMs run through
+        :func:`~rims_rl.rim.run_together` (their C++ loops at once on two threads; same results).
     :param shared_critic_grad: with ``shared_rim``, the value loss trains the shared RIM too (one recurrent core
         trained by the whole loss, as in the PPO code the paper used); sb3-contrib's default detaches it.
 
