@@ -289,21 +289,13 @@ class RIM(nn.Module):
 
     def _run(self, call: _Call) -> tuple[Tensor, tuple[Tensor, Tensor], RIMInfo]:
         """The loop on a prepared call, and its results in the documented layouts."""
-        cfg, keys, values, h0, c0, keep, weights = (
-            call.cfg,
-            call.keys,
-            call.values,
-            call.h0,
-            call.c0,
-            call.keep,
-            call.weights,
-        )
+        cfg, keys, values, gates_x, h0, c0, keep, weights = call[:8]
         if torch.is_grad_enabled():
-            loop = _RIMSequence.apply(cfg, keys, values, call.gates_x, h0, c0, keep, *weights)
+            loop = _RIMSequence.apply(cfg, keys, values, gates_x, h0, c0, keep, *weights)
         elif cfg.native:
             loop = _native_forward(cfg, keys, values, h0, c0, keep, weights, False, _projections(call))[:5]
         else:
-            loop = _run_loop(cfg, keys, values, call.gates_x, h0, c0, keep, weights)
+            loop = _run_loop(cfg, keys, values, gates_x, h0, c0, keep, weights)
         return self._finish(call, *loop)
 
     def _prepare(self, input: Tensor, state: tuple[Tensor, Tensor] | None, episode_starts: Tensor | None) -> _Call:

@@ -42,7 +42,8 @@ Sizes sizes_of(const Tensor& keys, const Tensor& values, const Tensor& h, const 
 // attention on the input (L,K,B)] and, with `record`, the tape the backward reads:
 // [h_in (K,L,B,H), read (K,L,B,Hi*dv), h1 (K,L,B,H), rc (K,L,B,Hc*cv), c_in (L,K,B,H), mf (L,K,B,1),
 //  act (L,K,B,G): LSTM [sigmoid(i,f,o) | tanh(g)], GRU [sigmoid(r,z) | n],
-//  aux (L,K,B,H): LSTM tanh(c), GRU W_hn h + b_hn, p (L,K,B,Hi), qkv (L,K,B,Hc*(2ck+cv)), ac_t (L,B*Hc,K,K), ug (L,K,B,2H) [update | gate]].
+//  aux (L,K,B,H): LSTM tanh(c), GRU W_hn h + b_hn, p (L,K,B,Hi), qkv (L,K,B,Hc*(2ck+cv)), ac_t (L,B*Hc,K,K),
+//  ug (L,K,B,2H) [update | gate]].
 std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor h, std::optional<Tensor> c_opt,
                                 const std::optional<Tensor>& keep, const std::vector<bool>& reset_steps,
                                 const Tensor& wq, const Tensor& bq, const Tensor& wih, const Tensor& bih,
@@ -150,7 +151,8 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
     if (record) mf_all[t].copy_(m);
 
     // ---- 3. Independent dynamics (§2.1): all units computed, the losers' state kept exactly ----
-    Tensor h1 = communication && record ? h1_all.select(1, t) : (communication ? at::empty({K, B, H}, opt) : outputs[t]);
+    // the state entering communication; without communication, the step's output itself
+    Tensor h1 = !communication ? outputs[t] : (record ? h1_all.select(1, t) : at::empty({K, B, H}, opt));
     if (lstm) {
       Tensor a = record ? act[t] : at::empty({K, B, G}, opt);
       Tensor ifo = a.narrow(2, 0, 3 * H), g = a.narrow(2, 3 * H, H);
