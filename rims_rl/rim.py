@@ -7,8 +7,9 @@ smaller than the keys and values, those weights with the key and value projectio
 all steps; the per-step loop only does what depends on the state (:func:`_vector_input_path` picks by sizes). All
 per-unit weights carry a leading unit axis and are applied with batched matmuls over it: there is no Python loop over
 units. Under autograd the loop is a single node with a hand-written backward through time (:class:`_RIMSequence`),
-which computes each weight gradient once from all steps. For a single input vector without attention dropout (the
-reinforcement-learning configurations), the loop and its backward run in C++ (``csrc/rim_loop.cpp``, the same ATen
+which computes each weight gradient once from all steps. Attention dropout masks are drawn for the whole sequence
+before the loop. For a single input vector (the reinforcement-learning configurations), the loop and its backward run
+in C++ (``csrc/rim_loop.cpp``, the same ATen
 ops in the same order, built on first use; see :data:`NATIVE_LOOP`); the Python loop is the reference and the
 fallback.
 
@@ -366,12 +367,15 @@ class RIM(nn.Module):
                 raise ValueError(f"dropped_units must be unit indices in [0, {K}), got {self.dropped_units}")
             if torch.is_grad_enabled():
                 raise ValueError("dropped_units is a test-time ablation: run the RIM under torch.no_grad()")
+        masks = None
+        if self.training and self.dropout > 0:
+            masks = _draw_dropout_masks(self, loop_mode, L, B, N, x)
         cfg = _LoopConfig(
-            mode=loop_mode, cell=self.cell, k_active=self.k_active, dropout=self.dropout if self.training else 0.0,
-            heads=Hi, key_size=loop_dk, comm_heads=self.comm_heads, comm_key_size=self.comm_key_size,
-            comm_value_size=self.comm_value_size, communication=self.communication, dropped=dropped,
+            mode=loop_mode, cell=self.cell, k_active=self.k_active, dropout=masks, heads=Hi, key_size=loop_dk,
+            comm_heads=self.comm_heads, comm_key_size=self.comm_key_size, comm_value_size=self.comm_value_size,
+            communication=self.communication, dropped=dropped,
         )  # fmt: skip
-        if loop_mode in ("vector", "projected") and cfg.dropout == 0.0 and not dropped and _native() is not None:
+        if loop_mode in ("vector", "projected") and not dropped and _native() is not None:
             cfg = cfg._replace(native=True)
         return _Call(cfg, keys, values, gates_x, h0, c0, keep, weights, x, mode)
 
@@ -425,7 +429,7 @@ class _LoopConfig(NamedTuple):
     mode: str  # "vector" (N = 1), "projected" (N = 1 via _VectorProjections), "set" (N > 1), "none" (no input attn)
     cell: str
     k_active: int
-    dropout: float  # 0 in eval mode
+    dropout: _DropoutMasks | None  # train mode with dropout > 0 only
     heads: int
     key_size: int
     comm_heads: int
@@ -436,8 +440,28 @@ class _LoopConfig(NamedTuple):
     native: bool = False  # the loop runs in C++ (_native_forward, _native_backward)
 
 
-def _dropout_mask(like: Tensor, p: float) -> Tensor:
-    return torch.empty_like(like).bernoulli_(1.0 - p).div_(1.0 - p)
+class _DropoutMasks(NamedTuple):
+    """Attention dropout (0, or ``1 / (1 - p)`` to keep the expected read) for every step of a sequence, drawn
+    before the loop in one call each: the loop then draws no random numbers, so it gives the same results in Python
+    and in C++, and several loops can run at once on threads (:func:`run_together`) and stay reproducible."""
+
+    input: Tensor | None  # on the input attention's read: (L, K, B, Hi) for one vector, (L, B, Hi, K, N) for a set
+    comm: Tensor | None  # on the communication attention: (L, B*Hc, K queries, K keys)
+
+
+def _draw_dropout_masks(rim: RIM, mode: str, L: int, B: int, N: int, like: Tensor) -> _DropoutMasks:
+    K, Hi, Hc = rim.num_units, rim.input_heads, rim.comm_heads
+    keep = 1.0 - rim.dropout
+
+    def draw(*shape: int) -> Tensor:
+        return like.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    read = None
+    if mode in ("vector", "projected"):
+        read = draw(L, K, B, Hi)
+    elif mode == "set":
+        read = draw(L, B, Hi, K, N)
+    return _DropoutMasks(read, draw(L, B * Hc, K, K) if rim.communication else None)
 
 
 class _VectorProjections(NamedTuple):
@@ -574,7 +598,7 @@ def _run_loop(
     L = (keys if keys is not None else gates_x_all).shape[0]  # type: ignore[union-attr]
     Hi, dk = cfg.heads, cfg.key_size
     Hc, ck, cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
-    drop = cfg.dropout
+    drop_in, drop_c = cfg.dropout if cfg.dropout is not None else (None, None)
     lstm = cfg.cell == "lstm"
     mode = cfg.mode
     merged = mode in ("vector", "set") and (L > 1 or tape is not None)
@@ -634,8 +658,8 @@ def _run_loop(
                 attentions.append(attention)
                 on_input = -attention[..., 0]
                 a_read = a[..., 1:]
-                if drop > 0:
-                    rec["drop_in"] = _dropout_mask(a_read, drop)
+                if drop_in is not None:
+                    rec["drop_in"] = drop_in[t]
                     a_read = a_read * rec["drop_in"]
                 r = torch.matmul(a_read, values[t]).permute(2, 0, 1, 3)  # (K, B, Hi, dv)
                 read = (read_out.view(r.shape).copy_(r) if read_out is not None else r).reshape(K, B, -1)
@@ -651,8 +675,8 @@ def _run_loop(
                 on_input = p.mean(-1)  # (K, B) = 1 - null attention
                 attentions.append(on_input)
                 p_read = p
-                if drop > 0:
-                    rec["drop_in"] = _dropout_mask(p, drop)
+                if drop_in is not None:
+                    rec["drop_in"] = drop_in[t]
                     p_read = p * rec["drop_in"]
                 if mode == "projected":
                     gx = torch.baddbmm(proj.gate_bias, p_read.view(K * B, 1, Hi), proj.gates[t]).view(K, B, -1)
@@ -710,8 +734,8 @@ def _run_loop(
             # ~3x slower on CPU.
             ac_t = torch.softmax(torch.baddbmm(zero, k2, q2.transpose(1, 2), beta=0.0, alpha=scale), dim=1)
             ac_read = ac_t.transpose(1, 2)  # (B*Hc, K queries, K keys)
-            if drop > 0:
-                rec["drop_c"] = _dropout_mask(ac_read, drop)
+            if drop_c is not None:
+                rec["drop_c"] = drop_c[t]
                 ac_read = ac_read * rec["drop_c"]
             rc4 = torch.bmm(ac_read, v2).view(B, Hc, K, cv).permute(2, 0, 1, 3)
             rc = tape.rc[:, t] if tape is not None and tape.rc is not None else h.new_empty(K, B, Hc * cv)
@@ -798,12 +822,13 @@ def _sequence_backward(
     if cfg.native:
         if loop_grads is None:
             loop_grads = _native_backward(ctx, saved, d_outputs, d_hn, d_cn)
-        dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all = loop_grads
+        dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all, d_read_all = loop_grads
         d_keys: list[Tensor] = []
         d_values: list[Tensor] = []
-        p_read_all = tape.p.transpose(0, 1)  # (K, L, B, Hi)
+        drop_in = cfg.dropout.input if cfg.dropout is not None else None
+        p_read_all = (tape.p * drop_in if drop_in is not None else tape.p).transpose(0, 1)  # (K, L, B, Hi)
     else:
-        dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all, d_keys, d_values = _backward_loop(
+        dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all, d_read_all, d_keys, d_values = _backward_loop(
             ctx, saved, d_outputs, d_hn, d_cn
         )
         p_read_all = (
@@ -851,7 +876,10 @@ def _sequence_backward(
         dv = values.shape[-1]
         assert p_read_all is not None
         p_read = p_read_all.unsqueeze(-1)  # (K, L, B, Hi, 1)
-        d_read = torch.bmm(d_gx_rows, wih_t).view(K, L, B, Hi, dv)
+        if d_read_all is not None:  # the loop's (mode "vector"), (L, K, B, Hi*dv)
+            d_read = d_read_all.view(L, K, B, Hi, dv).transpose(0, 1)
+        else:
+            d_read = torch.bmm(d_gx_rows, wih_t).view(K, L, B, Hi, dv)
         d_values_all = (d_read * p_read).sum(0)  # (L, B, Hi, dv)
         q = torch.baddbmm(bq, h_in, wq).view(K, L, B, Hi, dk)
         d_s = d_s_all.unsqueeze(-1)  # (K, L, B, Hi, 1)
@@ -903,6 +931,8 @@ def _backward_loop(
     d_s_all = new(K, L, B, Hi) if mode in ("vector", "projected") else None
     d_pre_all = new(K, L, B, 2 * H) if cfg.communication else None
     d_qkv_all = new(K, L, B, Hc * (2 * ck + cv)) if cfg.communication else None
+    # mode "vector": the gradient of what each unit read, (L, K, B, Hi*dv), kept for the values' gradient
+    d_read_all = new(L, K, B, wih.shape[1]) if mode == "vector" else None
     w_h_t = (torch.cat([wq, whh], dim=-1) if with_queries else whh).transpose(1, 2)
     wih_t = wih.transpose(1, 2)
     d_keys, d_values = [], []  # set mode: per step, in reverse time order
@@ -976,7 +1006,8 @@ def _backward_loop(
                 dh_prev.view(K * B, 1, H), d_s.reshape(K * B, 1, Hi), proj.score_weight[t].transpose(1, 2)
             ).view(K, B, H)
         elif with_queries:
-            d_read = torch.bmm(d_gx[:, t], wih_t)  # (K, B, Hi*dv)
+            kept = d_read_all[t] if d_read_all is not None else None
+            d_read = torch.bmm(d_gx[:, t], wih_t, out=kept)  # (K, B, Hi*dv)
             d_q = d_hz[:, t, :, :dq].view(K, B, Hi, dk)
             if mode == "vector":
                 assert d_s_all is not None
@@ -1007,17 +1038,17 @@ def _backward_loop(
                 dc = dc * ctx.keep[t]
         dh = dh_prev
 
-    return dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all, d_keys, d_values
+    return dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all, d_read_all, d_keys, d_values
 
 
 # ====================================================================================================================
 # The same loop in C++ (rims_rl/csrc/rim_loop.cpp)
 # ====================================================================================================================
 NATIVE_LOOP: bool | None = None
-"""Whether the loop runs in C++ where it applies (input attention over a single vector, on any of its paths but
-"projected", without attention dropout or dropped units): None (default) uses it when it builds, else the Python
-loop after one warning; True requires it (a build failure raises); False never uses it. The environment variable
-``RIMS_RL_NATIVE=0`` makes the default False. The source is compiled once, on first use, by
+"""Whether the loop runs in C++ where it applies (input attention over a single vector, on any of its paths, with
+or without attention dropout; not with the test-time ``dropped_units``): None (default) uses it when it builds, else
+the Python loop after one warning; True requires it (a build failure raises); False never uses it. The environment
+variable ``RIMS_RL_NATIVE=0`` makes the default False. The source is compiled once, on first use, by
 :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; ~30 s) and cached in its build directory
 (``TORCH_EXTENSIONS_DIR``). Same ops in the same order as the Python loop, so the same results (the tests run every
 RIM test on both); it saves the interpreter's time between ~75 small ops per step."""
@@ -1111,8 +1142,9 @@ def _native_forward(
     L = keys.shape[0]
     lstm = cfg.cell == "lstm"
     reset_steps = (keep != 1).flatten(1).any(1).tolist() if keep is not None else [False] * L
+    drops = cfg.dropout if cfg.dropout is not None else (None, None)
     out = _native().forward(  # type: ignore[union-attr]
-        keys, values, h, c, keep, reset_steps, *weights, *(proj[:] if proj is not None else (None,) * 4),
+        keys, values, h, c, keep, reset_steps, *weights, *(proj[:] if proj is not None else (None,) * 4), *drops,
         cfg.k_active, cfg.comm_heads, cfg.comm_key_size,
         cfg.comm_value_size, lstm, cfg.communication, record, L > 1,
     )  # fmt: skip
@@ -1132,17 +1164,17 @@ def _native_backward(
     proj: _VectorProjections | None = ctx.proj
     reset_steps = (keep != 1).flatten(1).any(1).tolist() if keep is not None else [False] * L
     lstm = cfg.cell == "lstm"
-    dh, dc, d_hz, d_gx, d_s, d_pre, d_qkv = _native().backward(  # type: ignore[union-attr]
+    dh, dc, d_hz, d_gx, d_s, d_pre, d_qkv, d_read = _native().backward(  # type: ignore[union-attr]
         d_outputs, d_hn, d_cn, keys, values, keep, reset_steps, tape.h_in, tape.c_in, tape.mf, tape.act, tape.aux,
         tape.p, tape.qkv, tape.ac, tape.ug, wq, wih, whh, wqkv, wout,
         proj.score_weight if proj is not None else None, proj.gates if proj is not None else None,
-        cfg.comm_heads, cfg.comm_key_size,
+        *(cfg.dropout if cfg.dropout is not None else (None, None)), cfg.comm_heads, cfg.comm_key_size,
         cfg.comm_value_size, lstm, cfg.communication,
     )  # fmt: skip
     communication = cfg.communication
     return (
         dh, dc if lstm else None, d_hz, None if lstm else d_gx, d_s,
-        d_pre if communication else None, d_qkv if communication else None,
+        d_pre if communication else None, d_qkv if communication else None, None if proj is not None else d_read,
     )  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 // The RIM's per-step loop and its backward through time, in C++ against ATen (see rims_rl/rim.py).
 //
 // This is a transcription of `_run_loop` and `_RIMSequence.backward` in rims_rl/rim.py for the common case:
-// input attention over one vector per step (the "per-step" and "folded" paths), LSTM or GRU units, communication
-// on or off, no attention dropout, no dropped units. Same ops, same order, so the same numbers; what it saves is
+// input attention over one vector per step (the "per-step", "folded" and "projected" paths), LSTM or GRU units,
+// communication on or off, attention dropout on or off (its masks are drawn before the loop, in rim.py), no dropped
+// units. Same ops, same order, so the same numbers; what it saves is
 // the Python interpreter between ~30 small ops per step (forward) and ~45 (backward). The Python code remains the
 // reference: the tests run every RIM test on both. Compiled on first use by torch.utils.cpp_extension (rim.py).
 //
@@ -44,6 +45,7 @@ Sizes sizes_of(const Tensor& keys, const Tensor& values, const Tensor& h, const 
 //  act (L,K,B,G): LSTM [sigmoid(i,f,o) | tanh(g)], GRU [sigmoid(r,z) | n],
 //  aux (L,K,B,H): LSTM tanh(c), GRU W_hn h + b_hn, p (L,K,B,Hi), qkv (L,K,B,Hc*(2ck+cv)), ac_t (L,B*Hc,K,K),
 //  ug (L,K,B,2H) [update | gate]].
+// drop_in (L,K,B,Hi) and drop_c (L,B*Hc,K queries,K keys), where given, are the attention dropout masks.
 std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor h, std::optional<Tensor> c_opt,
                                 const std::optional<Tensor>& keep, const std::vector<bool>& reset_steps,
                                 const Tensor& wq, const Tensor& bq, const Tensor& wih, const Tensor& bih,
@@ -51,7 +53,8 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
                                 const std::optional<Tensor>& wqkv, const std::optional<Tensor>& wout,
                                 const std::optional<Tensor>& bout, const std::optional<Tensor>& score_weight,
                                 const std::optional<Tensor>& score_bias, const std::optional<Tensor>& proj_gates,
-                                const std::optional<Tensor>& gate_bias, int64_t k_active, int64_t Hc, int64_t ck,
+                                const std::optional<Tensor>& gate_bias, const std::optional<Tensor>& drop_in,
+                                const std::optional<Tensor>& drop_c, int64_t k_active, int64_t Hc, int64_t ck,
                                 int64_t cv, bool lstm, bool communication, bool record, bool merged) {
   at::NoGradGuard no_grad;  // also when called from a thread of its own (grad mode is per thread)
   const Sizes s = sizes_of(keys, values, h, wih);
@@ -120,9 +123,10 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
     at::sigmoid_out(p, score);
     Tensor on_input = attention[t];  // (K, B) = 1 - null attention
     at::mean_out(on_input, p, at::IntArrayRef{-1}, false);
+    const Tensor p_read = drop_in ? p * (*drop_in)[t] : p;  // the winners are chosen before dropout
     Tensor read, gates, gx;
     if (projected) {
-      gx = at::baddbmm(*gate_bias, p.view({K * B, 1, Hi}), (*proj_gates)[t]).view({K, B, G});
+      gx = at::baddbmm(*gate_bias, p_read.view({K * B, 1, Hi}), (*proj_gates)[t]).view({K, B, G});
       if (lstm) {
         gates = at::baddbmm(gx, h, whh);
       } else {
@@ -131,9 +135,9 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
     } else if (record) {
       read = read_all.select(1, t);
       Tensor read4 = read.view({K, B, Hi, dv});
-      at::mul_out(read4, p.unsqueeze(-1), values[t]);
+      at::mul_out(read4, p_read.unsqueeze(-1), values[t]);
     } else {
-      read = (p.unsqueeze(-1) * values[t]).view({K, B, Hi * dv});
+      read = (p_read.unsqueeze(-1) * values[t]).view({K, B, Hi * dv});
     }
     if (!projected && lstm) {
       gates = merged ? at::baddbmm(gh, read, wih) : at::baddbmm(at::baddbmm(bih, read, wih), h, whh);
@@ -185,7 +189,9 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
       Tensor scores = at::baddbmm(zero, k2, q2.transpose(1, 2), 0.0, scale);
       Tensor ac_t = record ? ac_all[t] : at::empty({B * Hc, K, K}, opt);
       at::_softmax_out(ac_t, scores, 1, false);
-      Tensor rc4 = at::bmm(ac_t.transpose(1, 2), v2).view({B, Hc, K, cv}).permute({2, 0, 1, 3});
+      Tensor ac_read = ac_t.transpose(1, 2);  // (B*Hc, K queries, K keys)
+      if (drop_c) ac_read = ac_read * (*drop_c)[t];
+      Tensor rc4 = at::bmm(ac_read, v2).view({B, Hc, K, cv}).permute({2, 0, 1, 3});
       Tensor rc = record ? rc_all.select(1, t) : at::empty({K, B, Hc * cv}, opt);
       rc.view({K, B, Hc, cv}).copy_(rc4);
       Tensor pre = at::baddbmm(*bout, rc, *wout);
@@ -211,7 +217,8 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
 // Backward through time for rim_forward's tape. Returns [dh_0, dc_0 (empty for a GRU), d_hz (K,L,B,dq+G): the
 // gradients of [queries | recurrent gate inputs], d_gx (K,L,B,G): of the GRU's input-side gates (empty for an
 // LSTM, whose d_gx is d_hz's gate part), d_s (K,L,B,Hi): of the input-attention scores, d_pre (K,L,B,2H) and
-// d_qkv (K,L,B,Hc*(2ck+cv)): of the communication's products (empty without communication)].
+// d_qkv (K,L,B,Hc*(2ck+cv)): of the communication's products (empty without communication), d_read (L,K,B,Hi*dv): of
+// what each unit read (empty on the projected path)].
 std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const std::optional<Tensor>& d_hn,
                                  const std::optional<Tensor>& d_cn, const Tensor& keys, const Tensor& values,
                                  const std::optional<Tensor>& keep, const std::vector<bool>& reset_steps,
@@ -220,6 +227,7 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
                                  const Tensor& ug_all, const Tensor& wq, const Tensor& wih, const Tensor& whh,
                                  const std::optional<Tensor>& wqkv, const std::optional<Tensor>& wout,
                                  const std::optional<Tensor>& score_weight, const std::optional<Tensor>& proj_gates,
+                                 const std::optional<Tensor>& drop_in, const std::optional<Tensor>& drop_c,
                                  int64_t Hc, int64_t ck, int64_t cv, bool lstm, bool communication) {
   at::NoGradGuard no_grad;
   const bool projected = score_weight.has_value();
@@ -238,6 +246,7 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
   Tensor d_gx = lstm ? d_gh : at::empty({K, L, B, G}, opt);
   Tensor d_s_all = at::empty({K, L, B, Hi}, opt);
   Tensor d_pre_all, d_qkv_all, wout_t, wqkv_t;
+  const Tensor d_read_all = projected ? Tensor() : at::empty({L, K, B, Hi * dv}, opt);
   if (communication) {
     d_pre_all = at::empty({K, L, B, 2 * H}, opt);
     d_qkv_all = at::empty({K, L, B, Hc * dqkv}, opt);
@@ -265,8 +274,15 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
       const Tensor qkv_t = qkv_all[t].view({K, B * Hc, dqkv}).transpose(0, 1);
       const Tensor q2 = qkv_t.narrow(2, 0, ck), k2 = qkv_t.narrow(2, ck, ck), v2 = qkv_t.narrow(2, 2 * ck, cv);
       const Tensor ac_t = ac_all[t];  // (B*Hc, K keys, K queries)
-      const Tensor d_ac = at::bmm(d_rc, v2.transpose(1, 2));  // (B*Hc, K queries, K keys)
-      const Tensor d_v2 = at::bmm(ac_t, d_rc);
+      Tensor d_ac = at::bmm(d_rc, v2.transpose(1, 2));  // (B*Hc, K queries, K keys)
+      Tensor d_v2;
+      if (drop_c) {  // through the dropped read, as the forward formed it
+        const Tensor drop = (*drop_c)[t];
+        d_v2 = at::bmm((ac_t.transpose(1, 2) * drop).transpose(1, 2), d_rc);
+        d_ac = d_ac * drop;
+      } else {
+        d_v2 = at::bmm(ac_t, d_rc);
+      }
       const Tensor d_scores_t = at::_softmax_backward_data(d_ac.transpose(1, 2), ac_t, 1, ac_t.scalar_type());
       const Tensor d_q2 = at::baddbmm(zero, d_scores_t.transpose(1, 2), k2, 0.0, scale);
       const Tensor d_k2 = at::baddbmm(zero, d_scores_t, q2, 0.0, scale);
@@ -310,9 +326,11 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
     // ---- 1. input attention over one vector ----
     if (projected) {  // through the step-independent projections; their own gradients are formed after the loop
       dh_prev = at::baddbmm(dh_prev, d_gh.select(1, t), w_h_t);
-      const Tensor d_p = at::bmm(d_gx.select(1, t).reshape({K * B, 1, G}), (*proj_gates)[t].transpose(1, 2));
+      Tensor d_p =
+          at::bmm(d_gx.select(1, t).reshape({K * B, 1, G}), (*proj_gates)[t].transpose(1, 2)).view({K, B, Hi});
+      if (drop_in) d_p = d_p * (*drop_in)[t];
       Tensor d_s = d_s_all.select(1, t);
-      at::sigmoid_backward_out(d_s, d_p.view({K, B, Hi}), p_all[t]);
+      at::sigmoid_backward_out(d_s, d_p, p_all[t]);
       dh_prev = at::baddbmm(dh_prev.view({K * B, 1, H}), d_s.reshape({K * B, 1, Hi}),
                             (*score_weight)[t].transpose(1, 2))
                     .view({K, B, H});
@@ -324,9 +342,11 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
       dh = dh_prev;
       continue;
     }
-    const Tensor d_read = at::bmm(d_gx.select(1, t), wih_t);  // (K, B, Hi*dv)
+    Tensor d_read = d_read_all[t];  // (K, B, Hi*dv)
+    at::bmm_out(d_read, d_gx.select(1, t), wih_t);
     Tensor d_q = d_hz.select(1, t).narrow(2, 0, dq).view({K, B, Hi, dk});
-    const Tensor d_p = (d_read.view({K, B, Hi, dv}) * values[t]).sum(-1);  // (K, B, Hi)
+    Tensor d_p = (d_read.view({K, B, Hi, dv}) * values[t]).sum(-1);  // (K, B, Hi)
+    if (drop_in) d_p = d_p * (*drop_in)[t];
     Tensor d_s = d_s_all.select(1, t);
     at::sigmoid_backward_out(d_s, d_p, p_all[t]);
     at::mul_out(d_q, d_s.unsqueeze(-1), keys[t]);
@@ -346,7 +366,8 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
           lstm ? none : d_gx,
           d_s_all,
           communication ? d_pre_all : none,
-          communication ? d_qkv_all : none};
+          communication ? d_qkv_all : none,
+          projected ? none : d_read_all};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
