@@ -678,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="rims-rl: warning: %(message)s")
     args = build_parser().parse_args(argv)
     from envs import UnknownEnvError
+    from rims_rl.allocator import keep_freed_memory
+
+    keep_freed_memory()  # large per-update buffers are reused instead of faulted in again (see rims_rl.allocator)
 
     try:
         return int(args.func(args))

@@ -11,6 +11,9 @@ Prints medians over interleaved repeats (targets from the Atari issue in bracket
    RIM policy vs the project's LSTM policy (same CNN, heads, PPO settings)                     [RIM/LSTM >= 0.75]
    and sb3-contrib's stock ``CnnLstmPolicy`` on ``make_atari_env`` + ``VecFrameStack`` with the same
    settings and architecture (LSTM 512 shared by actor and critic, linear heads)            [LSTM/stock >= 1.5]
+
+Like the ``rims-rl`` command, it first makes malloc keep freed memory (:mod:`rims_rl.allocator`);
+``RIMS_RL_MALLOC=default`` measures without.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from rims_rl.allocator import keep_freed_memory
 
 
 def env_benchmark(env_id: str, repeats: int, seconds: float) -> None:
@@ -119,7 +124,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--skip-training", action="store_true", help="only the environments")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
+    kept = keep_freed_memory()  # as the rims-rl command does: what training sees
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
+          f"malloc {'keeps freed memory (rims_rl.allocator)' if kept else 'as is'}")  # fmt: skip
     env_benchmark(args.env, args.repeats, args.env_seconds)
     if not args.skip_training:
         training_benchmark(args.env, args.repeats, args.train_steps, args.device)

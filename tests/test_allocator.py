@@ -1,0 +1,44 @@
+"""rims_rl.allocator: freed memory stays in the process (glibc), so a RIM update does not fault its buffers in again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Page faults of a RIM update (forward and backward over a 128-step sequence, ~30 MB of buffers), after two warm-ups.
+PROBE = """
+import resource, torch
+from rims_rl import RIM
+from rims_rl.allocator import keep_freed_memory
+kept = keep_freed_memory()
+torch.manual_seed(0)
+rim = RIM(64, num_units=6, unit_size=100, k_active=4)
+x = torch.randn(128, 8, 64)
+def update():
+    out, _, _ = rim(x)
+    out.sum().backward()
+update(); update()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    update()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+"""
+
+
+def probe(**env: str) -> tuple[bool, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return out[-2] == "True", int(out[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ, reason="glibc")
+def test_keep_freed_memory_spares_a_rim_update_its_page_faults_and_can_be_switched_off():
+    kept, faults = probe()
+    as_is, default_faults = probe(RIMS_RL_MALLOC="default")
+    assert kept and not as_is
+    assert default_faults > 2000  # glibc's defaults: buffers unmapped when freed, faulted in again
+    assert faults < default_faults / 4
