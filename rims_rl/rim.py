@@ -9,9 +9,8 @@ per-unit weights carry a leading unit axis and are applied with batched matmuls 
 units. Under autograd the loop is a single node with a hand-written backward through time (:class:`_RIMSequence`),
 which computes each weight gradient once from all steps. Attention dropout masks are drawn for the whole sequence
 before the loop. For a single input vector (the reinforcement-learning configurations), the loop and its backward run
-in C++ (``csrc/rim_loop.cpp``, the same ATen
-ops in the same order, built on first use; see :data:`NATIVE_LOOP`); the Python loop is the reference and the
-fallback.
+in C++ (``csrc/rim_loop.cpp``, the same ATen ops in the same order, built on first use; see :data:`NATIVE_LOOP`); the
+Python loop is the reference and the fallback.
 
 This module imports only torch: it can be used outside reinforcement learning.
 """
