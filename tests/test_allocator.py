@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -37,7 +38,7 @@ def probe(**env: str) -> tuple[bool, int]:
     return out[-2] == "True", int(out[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux)")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
 def test_keep_freed_memory_spares_a_rim_update_its_page_faults_and_can_be_switched_off():
     kept, faults = probe()
     as_is, default_faults = probe(RIMS_RL_MALLOC="default")
