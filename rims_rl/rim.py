@@ -366,7 +366,7 @@ class RIM(nn.Module):
                 raise ValueError(f"dropped_units must be unit indices in [0, {K}), got {self.dropped_units}")
             if torch.is_grad_enabled():
                 raise ValueError("dropped_units is a test-time ablation: run the RIM under torch.no_grad()")
-        masks = None
+        masks = _DropoutMasks(None, None)
         if self.training and self.dropout > 0:
             masks = _draw_dropout_masks(self, loop_mode, L, B, N, x)
         cfg = _LoopConfig(
@@ -428,7 +428,7 @@ class _LoopConfig(NamedTuple):
     mode: str  # "vector" (N = 1), "projected" (N = 1 via _VectorProjections), "set" (N > 1), "none" (no input attn)
     cell: str
     k_active: int
-    dropout: _DropoutMasks | None  # train mode with dropout > 0 only
+    dropout: _DropoutMasks  # its masks are None in eval mode or with dropout 0
     heads: int
     key_size: int
     comm_heads: int
@@ -597,7 +597,7 @@ def _run_loop(
     L = (keys if keys is not None else gates_x_all).shape[0]  # type: ignore[union-attr]
     Hi, dk = cfg.heads, cfg.key_size
     Hc, ck, cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
-    drop_in, drop_c = cfg.dropout if cfg.dropout is not None else (None, None)
+    drop_in, drop_c = cfg.dropout
     lstm = cfg.cell == "lstm"
     mode = cfg.mode
     merged = mode in ("vector", "set") and (L > 1 or tape is not None)
@@ -824,7 +824,7 @@ def _sequence_backward(
         dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all, d_read_all = loop_grads
         d_keys: list[Tensor] = []
         d_values: list[Tensor] = []
-        drop_in = cfg.dropout.input if cfg.dropout is not None else None
+        drop_in = cfg.dropout.input
         p_read_all = (tape.p * drop_in if drop_in is not None else tape.p).transpose(0, 1)  # (K, L, B, Hi)
     else:
         dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all, d_read_all, d_keys, d_values = _backward_loop(
@@ -1141,9 +1141,8 @@ def _native_forward(
     L = keys.shape[0]
     lstm = cfg.cell == "lstm"
     reset_steps = (keep != 1).flatten(1).any(1).tolist() if keep is not None else [False] * L
-    drops = cfg.dropout if cfg.dropout is not None else (None, None)
     out = _native().forward(  # type: ignore[union-attr]
-        keys, values, h, c, keep, reset_steps, *weights, *(proj[:] if proj is not None else (None,) * 4), *drops,
+        keys, values, h, c, keep, reset_steps, *weights, *(proj[:] if proj is not None else (None,) * 4), *cfg.dropout,
         cfg.k_active, cfg.comm_heads, cfg.comm_key_size,
         cfg.comm_value_size, lstm, cfg.communication, record, L > 1,
     )  # fmt: skip
@@ -1167,7 +1166,7 @@ def _native_backward(
         d_outputs, d_hn, d_cn, keys, values, keep, reset_steps, tape.h_in, tape.c_in, tape.mf, tape.act, tape.aux,
         tape.p, tape.qkv, tape.ac, tape.ug, wq, wih, whh, wqkv, wout,
         proj.score_weight if proj is not None else None, proj.gates if proj is not None else None,
-        *(cfg.dropout if cfg.dropout is not None else (None, None)), cfg.comm_heads, cfg.comm_key_size,
+        *cfg.dropout, cfg.comm_heads, cfg.comm_key_size,
         cfg.comm_value_size, lstm, cfg.communication,
     )  # fmt: skip
     communication = cfg.communication
