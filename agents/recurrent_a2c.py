@@ -1,7 +1,8 @@
 """Recurrent A2C: synchronous advantage actor-critic (Mnih et al., 2016) for recurrent policies.
 
 Neither SB3 nor sb3-contrib has one (their issues close such requests as duplicates of RecurrentPPO). This is SB3's
-:class:`~stable_baselines3.A2C` (same loss, same defaults, same logger keys, same RMSprop settings) on sb3-contrib's
+:class:`~stable_baselines3.A2C` (same loss, same defaults, same logger keys; RMSprop with its running average
+bias-corrected, see below) on sb3-contrib's
 recurrent machinery (the rollout collection of ``RecurrentPPO``, which carries the recurrent states, and its
 recurrent rollout buffers). Any of the project's recurrent policies works, RIM and LSTM alike::
 
@@ -22,8 +23,15 @@ One update per rollout, a single gradient step on the whole rollout (``n_envs x 
 
   with ``A_t``, ``R_t`` SB3's GAE advantages and returns (``gae_lambda=1``: n-step returns), no ratio and no clipping
   of the objective; the gradient norm is clipped at ``max_grad_norm`` as in SB3's A2C;
-- RMSprop (``alpha=0.99, eps=1e-5``, the settings SB3 took from OpenAI baselines and the paper's App. C.8 used with
-  learning rate 7e-4) unless ``use_rms_prop=False`` (then the policy's optimiser, Adam).
+- RMSprop (``alpha=0.99, eps=1e-5``, the settings SB3 took from OpenAI baselines; the paper's App. C.8 used RMSprop
+  with learning rate 7e-4) unless ``use_rms_prop=False`` (then the policy's optimiser, Adam). Unlike SB3's A2C, the
+  running average of squared gradients is bias-corrected (:class:`RMSpropBiasCorrected`): ``torch.optim.RMSprop``
+  starts it at 0, so its first steps move every weight by up to ``lr / sqrt(1 - alpha)`` = 10x the learning rate in
+  the sign of its gradient. On BabyAI object picking those first ~5 updates drove 80% of the LSTM's gate
+  pre-activations past 3 (saturated), after which the policy no longer depended on its observation and stayed at
+  chance for the whole run (RIM likewise); SB3's own feed-forward A2C is stuck the same way there. TF's RMSprop
+  (SB3's ``RMSpropTFLike``) starts the average at 1 instead, which avoids the overshoot but makes the first hundreds
+  of updates plain SGD steps of ``lr * gradient``, too small to learn within 200k steps there.
 
 :attr:`RecurrentA2C.iterations` counts updates across resumed runs, as in :class:`agents.ppo.RecurrentPPO`.
 """
@@ -44,12 +52,25 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
-from agents.buffers import CompactRecurrentRolloutBuffer, whole_rollout
+from agents.buffers import COMPACT_BUFFERS, compact_buffer_class, whole_rollout
 from agents.ppo import POLICY_ALIASES, IterationCounter
 
-__all__ = ["RecurrentA2C", "a2c_loss"]
+__all__ = ["RMSpropBiasCorrected", "RecurrentA2C", "a2c_loss"]
 
 SelfRecurrentA2C = TypeVar("SelfRecurrentA2C", bound="RecurrentA2C")
+
+
+class RMSpropBiasCorrected(th.optim.Adam):
+    """RMSprop whose running average of squared gradients is bias-corrected as Adam's second moment.
+
+    ``v_t = alpha * v_{t-1} + (1 - alpha) * g_t**2``, ``w -= lr * g_t / (sqrt(v_t / (1 - alpha**t)) + eps)``: the
+    update of ``torch.optim.RMSprop`` once its average has warmed up, without the first steps of up to
+    ``lr / sqrt(1 - alpha)`` (module docstring). It is Adam without momentum (``betas=(0, alpha)``), so it is
+    implemented as one and its state is Adam's.
+    """
+
+    def __init__(self, params: Any, lr: float = 7e-4, alpha: float = 0.99, eps: float = 1e-5, weight_decay: float = 0):
+        super().__init__(params, lr=lr, betas=(0.0, alpha), eps=eps, weight_decay=weight_decay)
 
 
 def a2c_loss(
@@ -94,7 +115,8 @@ class RecurrentA2C(IterationCounter, _RecurrentRollouts):
     :param vf_coef: value-loss coefficient.
     :param max_grad_norm: the gradient norm is clipped to this.
     :param rms_prop_eps: RMSprop epsilon (its ``alpha`` is 0.99).
-    :param use_rms_prop: RMSprop (default) or the policy's optimiser (Adam).
+    :param use_rms_prop: RMSprop, bias-corrected (:class:`RMSpropBiasCorrected`; default), or the policy's optimiser
+        (Adam). An ``optimizer_class`` in ``policy_kwargs`` wins over both.
     :param use_sde: generalised state-dependent exploration (continuous actions).
     :param sde_sample_freq: resample the gSDE noise every N steps (-1: once per rollout).
     :param normalize_advantage: normalise the advantages of each rollout.
@@ -158,9 +180,9 @@ class RecurrentA2C(IterationCounter, _RecurrentRollouts):
         self.rms_prop_eps = rms_prop_eps
         self.use_rms_prop = use_rms_prop
         self._last_lstm_states: RNNStates | None = None
-        # As SB3's A2C: RMSprop with TF-like settings unless the user chose an optimiser.
+        # RMSprop with SB3's settings, bias-corrected (module docstring), unless the user chose an optimiser.
         if use_rms_prop and "optimizer_class" not in self.policy_kwargs:
-            self.policy_kwargs["optimizer_class"] = th.optim.RMSprop
+            self.policy_kwargs["optimizer_class"] = RMSpropBiasCorrected
             self.policy_kwargs["optimizer_kwargs"] = dict(alpha=0.99, eps=rms_prop_eps, weight_decay=0)
         if _init_setup_model:
             self._setup_model()
@@ -177,10 +199,10 @@ class RecurrentA2C(IterationCounter, _RecurrentRollouts):
         state_shape = (core.num_layers, self.n_envs, core.hidden_size)
         zeros = lambda: th.zeros(state_shape, device=self.device)
         self._last_lstm_states = RNNStates((zeros(), zeros()), (zeros(), zeros()))
-        if isinstance(self.observation_space, spaces.Dict):
-            buffer_cls: type = RecurrentDictRolloutBuffer
-        elif getattr(self.policy, "compact_observations", False):
-            buffer_cls = CompactRecurrentRolloutBuffer
+        if getattr(self.policy, "compact_observations", False):
+            buffer_cls: type = compact_buffer_class(self.observation_space)
+        elif isinstance(self.observation_space, spaces.Dict):
+            buffer_cls = RecurrentDictRolloutBuffer
         else:
             buffer_cls = RecurrentRolloutBuffer
         self.rollout_buffer = buffer_cls(
@@ -203,7 +225,7 @@ class RecurrentA2C(IterationCounter, _RecurrentRollouts):
         actions = data.actions
         if isinstance(self.action_space, spaces.Discrete):
             actions = actions.long().flatten()
-        compact = isinstance(self.rollout_buffer, CompactRecurrentRolloutBuffer)
+        compact = isinstance(self.rollout_buffer, COMPACT_BUFFERS)
         self.policy.padding_mask = mask if compact else None  # type: ignore[union-attr]
         try:
             values, log_prob, entropy = self.policy.evaluate_actions(

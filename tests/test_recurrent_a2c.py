@@ -9,7 +9,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 import envs  # noqa: F401  (registers the ids)
 from agents.buffers import CompactRecurrentRolloutBuffer, whole_rollout
-from agents.recurrent_a2c import RecurrentA2C
+from agents.recurrent_a2c import RecurrentA2C, RMSpropBiasCorrected
 from agents.training import ALGORITHMS, train
 from rims_rl.config import CONFIG_DIR, resolve_config
 
@@ -115,8 +115,8 @@ def test_whole_rollout_is_every_step_once_in_env_order_without_a_random_cut():
 
 def test_algorithm_conventions_save_load_aliases_and_optimizer(tmp_path):
     model = RecurrentA2C("RIMPolicy", "CartPoleNoVel-v1", n_steps=4, seed=0, policy_kwargs=dict(unit_size=8))
-    assert isinstance(model.policy.optimizer, th.optim.RMSprop)
-    assert model.policy.optimizer.defaults["eps"] == 1e-5 and model.policy.optimizer.defaults["alpha"] == 0.99
+    assert isinstance(model.policy.optimizer, RMSpropBiasCorrected)
+    assert model.policy.optimizer.defaults["eps"] == 1e-5 and model.policy.optimizer.defaults["betas"] == (0.0, 0.99)
     model.learn(64)
     assert model.iterations == 16
     model.save(tmp_path / "m.zip")
@@ -125,7 +125,35 @@ def test_algorithm_conventions_save_load_aliases_and_optimizer(tmp_path):
     for a, b in zip(model.policy.state_dict().values(), loaded.policy.state_dict().values(), strict=True):
         assert th.equal(a, b)
     adam = RecurrentA2C("MlpLstmPolicy", "CartPoleNoVel-v1", use_rms_prop=False)
-    assert isinstance(adam.policy.optimizer, th.optim.Adam)
+    assert type(adam.policy.optimizer) is th.optim.Adam
+
+
+def test_rmsprop_steps_stay_at_the_learning_rate_under_a_steady_gradient_and_then_match_torch_rmsprop():
+    """Under a steady gradient (what a coherent signal gives the gate weights of a recurrent core, update after
+    update), the bias-corrected RMSprop moves each weight by the learning rate per step; torch's RMSprop, whose running
+    average starts at 0, moves it by 10x, 7x, 5.8x ... the learning rate: what saturated the BabyAI cores. Once the
+    average has warmed up, both take the same steps."""
+
+    def moves(cls: type[th.optim.Optimizer], grads: th.Tensor) -> th.Tensor:
+        w = th.zeros(grads.shape[1], requires_grad=True)
+        opt = cls([w], lr=lr, alpha=0.99, eps=1e-5)
+        out = []
+        for g in grads:
+            before = w.detach().clone()
+            w.grad = g.clone()
+            opt.step()
+            out.append(w.detach() - before)
+        return th.stack(out)
+
+    lr = 1e-3
+    steady = th.logspace(-3, 0, 50).repeat(10, 1)  # one scale per weight (>> eps), as across a network's layers
+    corrected, plain = moves(RMSpropBiasCorrected, steady), moves(th.optim.RMSprop, steady)
+    assert th.allclose(corrected, th.full_like(corrected, -lr), rtol=0.02)
+    assert (plain[0] <= -9 * lr).all() and plain[:5].sum(0).max() <= -28 * lr  # 5 steps: ~30 lr each weight
+    th.manual_seed(0)
+    noisy = th.randn(2000, 50) * th.logspace(-4, 0, 50)
+    late = slice(1900, 2000)  # alpha**1900 ~ 5e-9: the correction has vanished
+    assert th.allclose(moves(RMSpropBiasCorrected, noisy)[late], moves(th.optim.RMSprop, noisy)[late], atol=1e-8)
 
 
 def test_a2c_learns_cartpole_novel(tmp_path):
