@@ -19,11 +19,53 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
 from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer, RecurrentRolloutBuffer, create_sequencers
-from sb3_contrib.common.recurrent.type_aliases import RecurrentRolloutBufferSamples, RNNStates
+from sb3_contrib.common.recurrent.type_aliases import (
+    RecurrentDictRolloutBufferSamples,
+    RecurrentRolloutBufferSamples,
+    RNNStates,
+)
 from stable_baselines3.common.vec_env import VecNormalize
 
-__all__ = ["CompactRecurrentRolloutBuffer", "whole_rollout"]
+__all__ = [
+    "COMPACT_BUFFERS",
+    "CompactRecurrentDictRolloutBuffer",
+    "CompactRecurrentRolloutBuffer",
+    "compact_buffer_class",
+    "whole_rollout",
+]
+
+
+def _padded_fields(
+    buffer: RecurrentRolloutBuffer | RecurrentDictRolloutBuffer, batch_inds: np.ndarray, env_change: np.ndarray
+) -> dict[str, Any]:
+    """sb3-contrib's ``_get_samples`` without the observations: every other field, padded exactly as there.
+
+    The padded layout puts sequence j's step t at ``j * max_length + t`` and the sequences are the batch's samples in
+    order: the rows of ``batch_inds`` are exactly the padded positions where ``mask`` is 1, in that order.
+    """
+    buffer.seq_start_indices, buffer.pad, buffer.pad_and_flatten = create_sequencers(
+        buffer.episode_starts[batch_inds], env_change[batch_inds], buffer.device
+    )
+    n_seq = len(buffer.seq_start_indices)
+    max_length = buffer.pad(buffer.actions[batch_inds]).shape[1]
+    starts = batch_inds[buffer.seq_start_indices]
+    states_pi = (buffer.hidden_states_pi[starts].swapaxes(0, 1), buffer.cell_states_pi[starts].swapaxes(0, 1))
+    states_vf = (buffer.hidden_states_vf[starts].swapaxes(0, 1), buffer.cell_states_vf[starts].swapaxes(0, 1))
+    return dict(
+        actions=buffer.pad(buffer.actions[batch_inds]).reshape((n_seq * max_length, *buffer.actions.shape[1:])),
+        old_values=buffer.pad_and_flatten(buffer.values[batch_inds]),
+        old_log_prob=buffer.pad_and_flatten(buffer.log_probs[batch_inds]),
+        advantages=buffer.pad_and_flatten(buffer.advantages[batch_inds]),
+        returns=buffer.pad_and_flatten(buffer.returns[batch_inds]),
+        lstm_states=RNNStates(
+            (buffer.to_torch(states_pi[0]).contiguous(), buffer.to_torch(states_pi[1]).contiguous()),
+            (buffer.to_torch(states_vf[0]).contiguous(), buffer.to_torch(states_vf[1]).contiguous()),
+        ),
+        episode_starts=buffer.pad_and_flatten(buffer.episode_starts[batch_inds]),
+        mask=buffer.pad_and_flatten(np.ones_like(buffer.returns[batch_inds])),
+    )
 
 
 class CompactRecurrentRolloutBuffer(RecurrentRolloutBuffer):
@@ -45,32 +87,35 @@ class CompactRecurrentRolloutBuffer(RecurrentRolloutBuffer):
         env_change: np.ndarray,
         env: VecNormalize | None = None,
     ) -> RecurrentRolloutBufferSamples:
-        # sb3-contrib's _get_samples, but for the observations. The padded layout puts sequence j's step t at
-        # j * max_length + t and the sequences are the batch's samples in order: the rows of ``batch_inds`` are
-        # exactly the padded positions where ``mask`` is 1, in that order.
-        self.seq_start_indices, self.pad, self.pad_and_flatten = create_sequencers(
-            self.episode_starts[batch_inds], env_change[batch_inds], self.device
-        )
-        n_seq = len(self.seq_start_indices)
-        max_length = self.pad(self.actions[batch_inds]).shape[1]
-        padded_batch_size = n_seq * max_length
-        starts = batch_inds[self.seq_start_indices]
-        states_pi = (self.hidden_states_pi[starts].swapaxes(0, 1), self.cell_states_pi[starts].swapaxes(0, 1))
-        states_vf = (self.hidden_states_vf[starts].swapaxes(0, 1), self.cell_states_vf[starts].swapaxes(0, 1))
-        return RecurrentRolloutBufferSamples(
-            observations=self.to_torch(self.observations[batch_inds]),  # unpadded, in padded order
-            actions=self.pad(self.actions[batch_inds]).reshape((padded_batch_size, *self.actions.shape[1:])),
-            old_values=self.pad_and_flatten(self.values[batch_inds]),
-            old_log_prob=self.pad_and_flatten(self.log_probs[batch_inds]),
-            advantages=self.pad_and_flatten(self.advantages[batch_inds]),
-            returns=self.pad_and_flatten(self.returns[batch_inds]),
-            lstm_states=RNNStates(
-                (self.to_torch(states_pi[0]).contiguous(), self.to_torch(states_pi[1]).contiguous()),
-                (self.to_torch(states_vf[0]).contiguous(), self.to_torch(states_vf[1]).contiguous()),
-            ),
-            episode_starts=self.pad_and_flatten(self.episode_starts[batch_inds]),
-            mask=self.pad_and_flatten(np.ones_like(self.returns[batch_inds])),
-        )
+        fields = _padded_fields(self, batch_inds, env_change)
+        return RecurrentRolloutBufferSamples(observations=self.to_torch(self.observations[batch_inds]), **fields)
+
+
+class CompactRecurrentDictRolloutBuffer(RecurrentDictRolloutBuffer):
+    """sb3-contrib's recurrent dict rollout buffer with unpadded observations (module docstring): each key's
+    ``mask.sum()`` real samples, in the order of the padded layout. Same constructor and same use as
+    :class:`CompactRecurrentRolloutBuffer`."""
+
+    def _get_samples(
+        self,
+        batch_inds: np.ndarray,
+        env_change: np.ndarray,
+        env: VecNormalize | None = None,
+    ) -> RecurrentDictRolloutBufferSamples:
+        fields = _padded_fields(self, batch_inds, env_change)
+        observations = {key: self.to_torch(obs[batch_inds]) for key, obs in self.observations.items()}
+        return RecurrentDictRolloutBufferSamples(observations=observations, **fields)
+
+
+COMPACT_BUFFERS = (CompactRecurrentRolloutBuffer, CompactRecurrentDictRolloutBuffer)
+"""The buffers whose minibatch observations are unpadded (the policy needs its ``padding_mask``)."""
+
+
+def compact_buffer_class(observation_space: spaces.Space) -> type[RecurrentRolloutBuffer]:
+    """The compact buffer for ``observation_space`` (for policies with ``compact_observations``)."""
+    if isinstance(observation_space, spaces.Dict):
+        return CompactRecurrentDictRolloutBuffer
+    return CompactRecurrentRolloutBuffer
 
 
 _STEP_FIELDS = ("actions", "values", "log_probs", "advantages", "returns", "episode_starts")
@@ -82,8 +127,8 @@ def whole_rollout(buffer: RecurrentRolloutBuffer | RecurrentDictRolloutBuffer) -
 
     Each env's steps in order, env after env; a sequence starts at each env's first step and at each episode start.
     sb3-contrib's ``get()`` also cuts one sequence at a random index (to vary its minibatches); a whole-rollout
-    update needs no such cut. Works for sb3-contrib's recurrent buffers (vector and dict observations) and
-    :class:`CompactRecurrentRolloutBuffer`; the fields are laid out as ``get()`` lays them out.
+    update needs no such cut. Works for sb3-contrib's recurrent buffers (vector and dict observations) and the
+    compact ones; the fields are laid out as ``get()`` lays them out.
     """
     if not buffer.full:
         raise ValueError("the rollout buffer must be full before its rollout is read")

@@ -9,9 +9,9 @@ write a string, as in SB3::
 ``MlpLstmPolicy``/``CnnLstmPolicy``/``MultiInputLstmPolicy`` resolve to the project's versions of sb3-contrib's LSTM
 policies (same model, sizes kept on save/load, one-call sequences): see :mod:`rims_rl.policies`.
 
-With those policies (and vector or image observations) the rollout buffer is
-:class:`agents.buffers.CompactRecurrentRolloutBuffer`: observations kept in their own dtype and not padded, so the
-feature extractor runs on real samples only. Losses, sampling and results are sb3-contrib's.
+With those policies the rollout buffer is :class:`agents.buffers.CompactRecurrentRolloutBuffer` (or its ``Dict``
+version): minibatch observations not padded, so the feature extractor runs on real samples only. Losses, sampling
+and results are sb3-contrib's.
 
 :attr:`RecurrentPPO.iterations` counts the rollouts collected over the whole run (it is saved with the model), so
 ``time/iterations`` continues across a resumed run instead of restarting at 1.
@@ -22,12 +22,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from gymnasium import spaces
 from sb3_contrib import RecurrentPPO as _RecurrentPPO
 from sb3_contrib.common.recurrent.type_aliases import RecurrentRolloutBufferSamples
 from stable_baselines3.common.policies import BasePolicy
 
-from agents.buffers import CompactRecurrentRolloutBuffer
+from agents.buffers import COMPACT_BUFFERS, compact_buffer_class
 from rims_rl.policies import (
     CnnLstmPolicy,
     MlpLstmPolicy,
@@ -79,9 +78,9 @@ class RecurrentPPO(IterationCounter, _RecurrentPPO):
 
     def _setup_model(self) -> None:
         super()._setup_model()
-        if getattr(self.policy, "compact_observations", False) and not isinstance(self.observation_space, spaces.Dict):
+        if getattr(self.policy, "compact_observations", False):
             old = self.rollout_buffer
-            self.rollout_buffer = CompactRecurrentRolloutBuffer(
+            self.rollout_buffer = compact_buffer_class(self.observation_space)(
                 self.n_steps,
                 self.observation_space,
                 self.action_space,
@@ -93,7 +92,7 @@ class RecurrentPPO(IterationCounter, _RecurrentPPO):
             )
 
     def train(self) -> None:
-        if not isinstance(self.rollout_buffer, CompactRecurrentRolloutBuffer):
+        if not isinstance(self.rollout_buffer, COMPACT_BUFFERS):
             return super().train()
         buffer, policy = self.rollout_buffer, self.policy
         get = buffer.get

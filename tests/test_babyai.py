@@ -9,6 +9,7 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch as th
 from gymnasium.utils.env_checker import check_env
 from minigrid.core.world_object import Ball, Key
 
@@ -208,3 +209,31 @@ def test_an_interrupted_a2c_run_resumes_to_the_same_end(tmp_path):
     column = lines[0].split(",").index("time/total_timesteps")
     steps = [int(line.split(",")[column]) for line in lines[1:]]
     assert steps == [1024]  # one row per 32 rollouts of 32 steps, counted over the run, resumed or not
+
+
+@pytest.mark.parametrize("policy", ["RIMMultiInputPolicy", "MultiInputLstmPolicy"])
+def test_compact_dict_minibatches_give_the_same_update_as_padded_ones(policy):
+    """One PPO update with the compact dict buffer (grid and mission unpadded: the extractor runs on real samples
+    only) equals the update with sb3-contrib's padded dict buffer."""
+    from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer
+
+    from agents.buffers import CompactRecurrentDictRolloutBuffer
+    from agents.ppo import RecurrentPPO
+    from envs import make_env
+
+    kwargs = dict(lstm_hidden_size=16) if "Lstm" in policy else dict(num_units=3, unit_size=8, k_active=2)
+    params = []
+    for compact in (True, False):
+        env = make_env(split_env_id("train"), n_envs=2, seed=0)
+        model = RecurrentPPO(policy, env, n_steps=64, batch_size=48, n_epochs=1, seed=0, policy_kwargs=kwargs)
+        assert isinstance(model.rollout_buffer, CompactRecurrentDictRolloutBuffer)
+        if not compact:
+            old = model.rollout_buffer
+            model.rollout_buffer = RecurrentDictRolloutBuffer(
+                model.n_steps, model.observation_space, model.action_space, old.hidden_state_shape, "cpu",
+                gamma=model.gamma, gae_lambda=model.gae_lambda, n_envs=model.n_envs,
+            )  # fmt: skip
+        model.learn(128)
+        params.append(th.nn.utils.parameters_to_vector(model.policy.parameters()).detach())
+        env.close()
+    assert th.allclose(params[0], params[1], atol=1e-6, rtol=1e-5)
