@@ -8,6 +8,7 @@
     rims-rl activations runs/CartPoleNoVel-v1/rims-ppo-s0-...   # play episodes, draw which units were active
     rims-rl transfer --protocol rusu2016 --policy rims --preset paper   # Atari transfer matrix (or one cell)
     rims-rl imitate --demos demos/cheetah.npz --policy rims   # Half-Cheetah from pixels (rims_rl/cli_imitation.py)
+    rims-rl copying --model rims                              # the copying task (rims_rl/cli_copying.py)
     rims-rl envs                                              # the env families and ids the project provides
     rims-rl config --env CartPoleNoVel-v1                     # the resolved configuration, every key documented
 
@@ -662,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rims_rl.cli_imitation import add_parsers
 
     add_parsers(sub)
+    from rims_rl.cli_copying import add_parser as add_copying_parser
+
+    add_copying_parser(sub)
 
     p = sub.add_parser("envs", help="list the env families and ids", description="List env families and ids.")
     p.add_argument("--family", help="only this family")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -30,6 +30,7 @@ __all__ = [
     "AtariConfig",
     "CheckpointConfig",
     "ConfigError",
+    "CopyingConfig",
     "EvalConfig",
     "ImitationConfig",
     "LSTMConfig",
@@ -43,6 +44,7 @@ __all__ = [
     "flat_keys",
     "parse_overrides",
     "resolve_config",
+    "resolve_copying_config",
     "resolve_imitation_config",
 ]
 
@@ -55,6 +57,9 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_Config = TypeVar("_Config", bound=_Section)
 
 
 class RIMConfig(_Section):
@@ -94,6 +99,20 @@ class RIMConfig(_Section):
         keys = ("input_key_size", "input_value_size", "input_heads", "comm_key_size", "comm_value_size",
                 "comm_heads", "dropout", "input_attention", "communication")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
+
+
+def apply_ablations(rim: RIMConfig, ablations: list[str]) -> None:
+    """Set the ``rim.*`` keys each preset of :data:`ABLATIONS` stands for (idempotent: a resolved config validates
+    to itself)."""
+    for name in ablations:
+        if name == "no_input_attention":
+            rim.input_attention = False
+        elif name == "no_communication":
+            rim.communication = False
+        elif name == "all_active":
+            rim.k_active = rim.num_units
+        elif name == "one_head":
+            rim.input_heads = rim.comm_heads = 1
 
 
 class LSTMConfig(_Section):
@@ -270,16 +289,7 @@ class TrainConfig(_Section):
     def _apply_ablations(self) -> TrainConfig:
         if self.ablations and self.policy != "rims":
             raise ValueError(f"ablations {self.ablations} apply to the RIM policy, not policy={self.policy!r}")
-        rim = self.rim
-        for name in self.ablations:  # idempotent: a resolved config.yaml validates to itself
-            if name == "no_input_attention":
-                rim.input_attention = False
-            elif name == "no_communication":
-                rim.communication = False
-            elif name == "all_active":
-                rim.k_active = rim.num_units
-            elif name == "one_head":
-                rim.input_heads = rim.comm_heads = 1
+        apply_ablations(self.rim, self.ablations)
         return self
 
     @property
@@ -331,12 +341,65 @@ class ImitationConfig(_Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
+class CopyingConfig(_Section):
+    """The copying task (``rims-rl copying``; paper §4.1.1 and App. C.5; ``agents/copying.py``)."""
+
+    model: Literal["rims", "lstm", "gru"] = Field("rims", description="recurrent core")
+    hidden_size: int = Field(600, ge=1, description="units of the LSTM/GRU core (paper: 600, as the RIM's 6 x 100)")
+    ablations: list[Ablation] = Field(
+        default_factory=list, description="RIM ablation presets applied to rim.* (" + ", ".join(ABLATIONS) + ")"
+    )
+    train_span: int = Field(50, ge=1, description="blank span T of training sequences (T + 2 x digits steps; paper 50)")
+    test_span: int = Field(200, ge=1, description="blank span of the test sequences (paper: 200)")
+    digits: int = Field(10, ge=1, description="digits to copy per sequence (paper: 10)")
+    blank_input: Literal["token", "zeros"] = Field(
+        "token", description="a blank is token 0's one-hot vector, or a zero vector (its key ties with the null's)"
+    )
+    batch_size: int = Field(64, ge=1, description="sequences per update (paper: 64)")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate (App. C.5: 1e-3)")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clipping (the authors' code: 1.0)")
+    updates: int = Field(30_000, ge=1, description="updates to train for (the authors': 150 epochs x 200 = 30,000)")
+    eval_every: int = Field(200, ge=1, description="updates between evaluations and checkpoints")
+    eval_sequences: int = Field(640, ge=1, description="test sequences per span and evaluation (fixed seed)")
+    seed: int = Field(0, ge=0, description="random seed (weights, training sequences)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    rim: RIMConfig = Field(default_factory=RIMConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _apply_ablations(self) -> CopyingConfig:
+        if self.ablations and self.model != "rims":
+            raise ValueError(f"ablations {self.ablations} apply to the RIM model, not model={self.model!r}")
+        apply_ablations(self.rim, self.ablations)
+        return self
+
+
+def resolve_copying_config(
+    user_file: Path | None = None, flags: dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> CopyingConfig:
+    """The defaults, then ``--config FILE``, the CLI flags and ``--set`` items, validated."""
+    return _resolve_layers(CopyingConfig, [], user_file, flags, overrides)
+
+
 def resolve_imitation_config(
     user_file: Path | None = None, flags: dict[str, Any] | None = None, overrides: list[str] | None = None
 ) -> ImitationConfig:
     """``configs/cheetah.yaml``, then ``--config FILE``, the CLI flags and ``--set`` items, validated."""
+    base = [(load_yaml(CONFIG_DIR / "cheetah.yaml"), str(CONFIG_DIR / "cheetah.yaml"))]
+    return _resolve_layers(ImitationConfig, base, user_file, flags, overrides)
+
+
+def _resolve_layers(
+    model: type[_Config],
+    base: list[tuple[dict[str, Any], str]],
+    user_file: Path | None,
+    flags: dict[str, Any] | None,
+    overrides: list[str] | None,
+) -> _Config:
+    """``base`` layers, then ``user_file``, ``flags`` and ``overrides``, each merged and validated in turn (an error
+    names the layer it came from)."""
     data: dict[str, Any] = {}
-    layers = [(load_yaml(CONFIG_DIR / "cheetah.yaml"), str(CONFIG_DIR / "cheetah.yaml"))]
+    layers = list(base)
     if user_file is not None:
         layers.append((load_yaml(user_file), str(user_file)))
     if flags:
@@ -346,10 +409,10 @@ def resolve_imitation_config(
     for layer, source in layers:
         data = _deep_merge(data, layer)
         try:
-            ImitationConfig.model_validate(data)
+            model.model_validate(data)
         except ValidationError as err:
-            raise _format_error(err, source, ImitationConfig) from None
-    return ImitationConfig.model_validate(data)
+            raise _format_error(err, source, model) from None
+    return model.model_validate(data)
 
 
 # ----------------------------------------------------------------------------------------------------------------
