@@ -219,7 +219,8 @@ def _write_progress(path: Path, history: list[dict[str, float]]) -> None:
 
 def _start_run(cfg: CopyingConfig, run_dir: Path, resume: bool) -> tuple[dict[str, Any], Any]:
     """run.json and the W&B run (continued on resume)."""
-    from agents.training import _write_json
+    from rims_rl.agents.training import _write_json
+
     from rims_rl.tracking import start_wandb
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -254,11 +255,11 @@ def train_copying(
     """Train (or, with ``resume``, continue) a model on the copying task into ``run_dir`` (module docstring).
 
     Every ``cfg.eval_every`` updates: an evaluation at both spans, a ``progress.csv`` row, a checkpoint. ``stop`` is
-    an object with a ``requested`` attribute (``agents.callbacks.GracefulStop``): when set, the update in progress
+    an object with a ``requested`` attribute (``callbacks.GracefulStop``): when set, the update in progress
     finishes, a checkpoint is written and :class:`CopyingInterrupted` is raised; a resumed run continues with the same
     evaluation steps. Returns ``run.json``'s content.
     """
-    from agents.training import _write_json
+    from rims_rl.agents.training import _write_json
 
     th.manual_seed(cfg.seed)
     model = CopyingModel(cfg).to(_device(cfg.device))

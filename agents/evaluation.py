@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rims_rl.envs import AtariSettings, make_env
+from rims_rl.envs.atari import is_atari
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.evaluation import evaluate_policy
-
-from envs import AtariSettings, make_env
-from envs.atari import is_atari
 
 __all__ = [
     "EVAL_N_ENVS",
@@ -150,12 +149,12 @@ def evaluate_splits(
     deterministic: bool = False,
     seed: int = EVAL_SEED_OFFSET,
 ) -> list[SplitResult]:
-    """Play ``episodes`` episodes of each object-picking split (:data:`envs.babyai.SPLITS`) with ``model``.
+    """Play ``episodes`` episodes of each object-picking split (:data:`rims_rl.envs.babyai.SPLITS`) with ``model``.
 
     Every split is played from the same env seeds; the splits' level seeds keep held-out levels apart from training
-    ones (see :mod:`envs.babyai`).
+    ones (see :mod:`rims_rl.envs.babyai`).
     """
-    from envs.babyai import split_env_id
+    from rims_rl.envs.babyai import split_env_id
 
     out = []
     for split in splits:

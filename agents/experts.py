@@ -37,7 +37,6 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.sac.policies import Actor
 
-EXPERT_DIR = Path(__file__).resolve().parent.parent / "experts"
 # rl-baselines3-zoo, hyperparams/sac.yml, HalfCheetah: SAC's defaults with 10k random steps first.
 ZOO_SAC = {"learning_starts": 10_000}
 

@@ -5,7 +5,7 @@ Demonstrations (``rims-rl demos``) are one compressed ``.npz``: ``frames`` ``(N,
 before each action, all episodes one after the other), ``actions`` ``(N, A)``, ``rewards`` ``(N,)``, ``states``
 ``(N, 17)`` (the true state the expert acted on), ``episode_lengths`` ``(E,)``, ``episode_returns`` ``(E,)`` and
 ``meta`` (JSON: env, frame size, camera, expert, seeds). Frames are stored once; the 4-frame stacks the policy sees
-are built from them when batches are drawn, exactly as :class:`envs.cheetah.PixelObservation` builds them.
+are built from them when batches are drawn, exactly as :class:`rims_rl.envs.cheetah.PixelObservation` builds them.
 
 The policy (:class:`PixelPolicy`): the World Models encoder (Ha & Schmidhuber 2018: four 4x4 stride-2 convolutions,
 32-64-128-256 channels, ReLU; 1024 features at 64x64) on the stacked frames, a recurrent core (a RIM, a GRU or an
@@ -120,8 +120,8 @@ def record_demos(
     Episodes are seeded ``seed, seed + 1, ...``. A KeyboardInterrupt keeps the finished episodes (the
     partial one is dropped) and returns them, with ``meta["interrupted"] = True``.
     """
-    from agents.experts import load_expert
-    from envs.cheetah import make_pixel_cheetah
+    from rims_rl.agents.experts import load_expert
+    from rims_rl.envs.cheetah import make_pixel_cheetah
 
     actor = load_expert(expert_path)
     kwargs = {"max_episode_steps": max_steps} if max_steps else {}
@@ -377,11 +377,12 @@ def train_imitation(
 ) -> dict[str, Any]:
     """Train (or, with ``resume``, continue) a pixel policy by behaviour cloning into ``run_dir``.
 
-    ``stop`` is an object with a ``requested`` attribute (``agents.callbacks.GracefulStop``); when it is set the
+    ``stop`` is an object with a ``requested`` attribute (``rims_rl.agents.callbacks.GracefulStop``); when it is set the
     current epoch is abandoned and :class:`ImitationInterrupted` is raised (finished epochs are in the checkpoint).
     Returns the final summary (also in ``run.json``).
     """
-    from agents.training import _write_json
+    from rims_rl.agents.training import _write_json
+
     from rims_rl.tracking import start_wandb
 
     demos = load_demos(cfg.demos)
@@ -558,9 +559,9 @@ def evaluate_pixel_policy(
     seed: int = 0,
     max_steps: int | None = None,
 ) -> PerturbResult:
-    """Whole episodes of the pixel env (``perturb`` as :func:`envs.cheetah.parse_perturb`), seeded ``seed + i``,
+    """Whole episodes of the pixel env (``perturb`` as :func:`rims_rl.envs.cheetah.parse_perturb`), seeded ``seed + i``,
     the policy's state carried from step to step; the return is the env's reward summed over the episode."""
-    from envs.cheetah import make_pixel_cheetah
+    from rims_rl.envs.cheetah import make_pixel_cheetah
 
     device = next(policy.parameters()).device
     kwargs = {"max_episode_steps": max_steps} if max_steps else {}

@@ -3,13 +3,13 @@
 This is sb3-contrib's :class:`~sb3_contrib.RecurrentPPO` unchanged, with ``policy_aliases`` extended so that users
 write a string, as in SB3::
 
-    from agents.ppo import RecurrentPPO
+    from rims_rl.agents.ppo import RecurrentPPO
     model = RecurrentPPO("RIMPolicy", "CartPoleNoVel-v1", policy_kwargs=dict(num_units=6, unit_size=32))
 
 ``MlpLstmPolicy``/``CnnLstmPolicy``/``MultiInputLstmPolicy`` resolve to the project's versions of sb3-contrib's LSTM
 policies (same model, sizes kept on save/load, one-call sequences): see :mod:`rims_rl.policies`.
 
-With those policies the rollout buffer is :class:`agents.buffers.CompactRecurrentRolloutBuffer` (or its ``Dict``
+With those policies the rollout buffer is :class:`rims_rl.agents.buffers.CompactRecurrentRolloutBuffer` (or its ``Dict``
 version): minibatch observations not padded, so the feature extractor runs on real samples only. Losses, sampling
 and results are sb3-contrib's.
 
@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+from rims_rl.agents.buffers import COMPACT_BUFFERS, compact_buffer_class
 from sb3_contrib import RecurrentPPO as _RecurrentPPO
 from sb3_contrib.common.recurrent.type_aliases import RecurrentRolloutBufferSamples
 from stable_baselines3.common.policies import BasePolicy
 
-from agents.buffers import COMPACT_BUFFERS, compact_buffer_class
 from rims_rl.policies import (
     CnnLstmPolicy,
     MlpLstmPolicy,

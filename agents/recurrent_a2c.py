@@ -6,7 +6,7 @@ bias-corrected, see below) on sb3-contrib's
 recurrent machinery (the rollout collection of ``RecurrentPPO``, which carries the recurrent states, and its
 recurrent rollout buffers). Any of the project's recurrent policies works, RIM and LSTM alike::
 
-    from agents.recurrent_a2c import RecurrentA2C
+    from rims_rl.agents.recurrent_a2c import RecurrentA2C
     model = RecurrentA2C("RIMPolicy", "CartPoleNoVel-v1", n_steps=16)
     model.learn(100_000)
 
@@ -33,7 +33,7 @@ One update per rollout, a single gradient step on the whole rollout (``n_envs x 
   (SB3's ``RMSpropTFLike``) starts the average at 1 instead, which avoids the overshoot but makes the first hundreds
   of updates plain SGD steps of ``lr * gradient``, too small to learn within 200k steps there.
 
-:attr:`RecurrentA2C.iterations` counts updates across resumed runs, as in :class:`agents.ppo.RecurrentPPO`.
+:attr:`RecurrentA2C.iterations` counts updates across resumed runs, as in :class:`rims_rl.agents.ppo.RecurrentPPO`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from typing import Any, ClassVar, TypeVar
 
 import torch as th
 from gymnasium import spaces
+from rims_rl.agents.buffers import COMPACT_BUFFERS, compact_buffer_class, whole_rollout
+from rims_rl.agents.ppo import POLICY_ALIASES, IterationCounter
 from sb3_contrib import RecurrentPPO as _SB3ContribRecurrentPPO
 from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer, RecurrentRolloutBuffer
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
@@ -51,9 +53,6 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
-
-from agents.buffers import COMPACT_BUFFERS, compact_buffer_class, whole_rollout
-from agents.ppo import POLICY_ALIASES, IterationCounter
 
 __all__ = ["RMSpropBiasCorrected", "RecurrentA2C", "a2c_loss"]
 
@@ -104,7 +103,7 @@ class _RecurrentRollouts(OnPolicyAlgorithm):
 class RecurrentA2C(IterationCounter, _RecurrentRollouts):
     """Advantage actor-critic for recurrent policies (module docstring). Parameters are SB3's ``A2C`` ones:
 
-    :param policy: a recurrent policy class or one of :data:`agents.ppo.POLICY_ALIASES` (``"RIMPolicy"``,
+    :param policy: a recurrent policy class or one of :data:`rims_rl.agents.ppo.POLICY_ALIASES` (``"RIMPolicy"``,
         ``"MultiInputLstmPolicy"``, ...).
     :param env: the environment (an id, a gymnasium env or a VecEnv).
     :param learning_rate: learning rate, or a schedule of the remaining progress (1 -> 0).

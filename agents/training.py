@@ -38,19 +38,7 @@ import gymnasium as gym
 import yaml
 from gymnasium import spaces
 from pydantic import ValidationError
-from stable_baselines3.common.callbacks import (
-    BaseCallback,
-    CallbackList,
-    ProgressBarCallback,
-    StopTrainingOnRewardThreshold,
-)
-from stable_baselines3.common.logger import CSVOutputFormat, Logger
-from stable_baselines3.common.preprocessing import is_image_space
-from stable_baselines3.common.utils import LinearSchedule
-from stable_baselines3.common.vec_env import VecEnv, VecNormalize
-from torch import nn
-
-from agents.callbacks import (
+from rims_rl.agents.callbacks import (
     GracefulStop,
     RunCheckpointCallback,
     SeededEvalCallback,
@@ -59,7 +47,7 @@ from agents.callbacks import (
     is_divergence_error,
     nonfinite_parameter,
 )
-from agents.checkpoints import (
+from rims_rl.agents.checkpoints import (
     Checkpoint,
     RunInUse,
     RunLock,
@@ -72,11 +60,23 @@ from agents.checkpoints import (
     to_device,
     write_checkpoint,
 )
-from agents.evaluation import EVAL_N_ENVS, EVAL_SEED_OFFSET, EvalResult, evaluate
-from agents.ppo import RecurrentPPO
-from agents.recurrent_a2c import RecurrentA2C
-from agents.transfer import TransferError, freeze, load_source_weights
-from envs import AtariSettings, make_env
+from rims_rl.agents.evaluation import EVAL_N_ENVS, EVAL_SEED_OFFSET, EvalResult, evaluate
+from rims_rl.agents.ppo import RecurrentPPO
+from rims_rl.agents.recurrent_a2c import RecurrentA2C
+from rims_rl.agents.transfer import TransferError, freeze, load_source_weights
+from rims_rl.envs import AtariSettings, make_env
+from stable_baselines3.common.callbacks import (
+    BaseCallback,
+    CallbackList,
+    ProgressBarCallback,
+    StopTrainingOnRewardThreshold,
+)
+from stable_baselines3.common.logger import CSVOutputFormat, Logger
+from stable_baselines3.common.preprocessing import is_image_space
+from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+from torch import nn
+
 from rims_rl import __version__
 from rims_rl.config import TrainConfig
 from rims_rl.extractors import GridMissionExtractor
@@ -193,7 +193,7 @@ def policy_name(cfg: TrainConfig, observation_space: spaces.Space) -> str:
 
 
 def _grid_mission(observation_space: spaces.Space) -> bool:
-    """A dict of a symbolic grid view and a tokenised mission (``envs.babyai``), read by GridMissionExtractor."""
+    """A dict of a symbolic grid view and a tokenised mission (object picking), read by GridMissionExtractor."""
     return isinstance(observation_space, spaces.Dict) and set(observation_space.spaces) == {"image", "mission"}
 
 
@@ -343,7 +343,7 @@ def train(
 
     :param prepared: the env and model from :func:`prepare` (built here if None).
     :param handle_signals: the first SIGINT/SIGTERM finishes the current update, checkpoints and stops
-        (:class:`~agents.callbacks.GracefulStop`); a second stops at once.
+        (:class:`~rims_rl.agents.callbacks.GracefulStop`); a second stops at once.
     :raises ConfigRejected: before anything is written, if the env or model cannot be built.
     :raises RunRejected: if another process trains into ``run_dir``.
     :raises TrainingInterrupted: after a signal (the run can be resumed with :func:`resume`).

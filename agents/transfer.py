@@ -16,7 +16,7 @@ the value of a state in the source game says nothing about the target's returns.
 Frozen weights have ``requires_grad = False`` (Adam never sees a gradient for them); :func:`freeze` is applied again
 when a run resumes, since checkpoints store weights, not flags.
 
-**Scores.** Performance is the area under the training curve (:func:`agents.reports.area_under_curve`: the average
+**Scores.** Performance is the area under the training curve (``reports.area_under_curve``: the average
 of ``rollout/ep_rew_mean``, the mean score of the last 100 finished training episodes, over the target's budget),
 not the final score. The transfer score (:func:`transfer_score`) is that area for the fine-tuned model relative to
 the area of a model of the same kind trained from scratch on the target with the same budget and seed, both measured
@@ -38,10 +38,9 @@ from typing import Any
 
 import numpy as np
 import torch as th
+from rims_rl.agents.reports import area_under_curve
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.save_util import load_from_zip_file
-
-from agents.reports import area_under_curve
 
 __all__ = [
     "HEAD_PREFIXES",
@@ -182,7 +181,7 @@ def score_from_areas(auc_finetuned: float, auc_scratch: float, *, baseline: floa
 
 def random_score(env_id: str, *, episodes: int = 10, seed: int = 0, atari: Any | None = None) -> float:
     """Mean whole-game, unclipped score of uniformly random actions on ``env_id`` (the transfer score's baseline)."""
-    from envs import AtariSettings, make_env
+    from rims_rl.envs import AtariSettings, make_env
 
     settings = (atari or AtariSettings()).full_games()
     n_envs = min(episodes, 8)

@@ -2,10 +2,10 @@
 
 A **cell** (source game, target game, policy, mode) trains, for each seed: the source model (or takes a given source
 run), a model of the same kind from scratch on the target, and the source's weights fine-tuned on the target
-(:mod:`agents.transfer`), all with the Atari config (``configs/atari.yaml``) plus the ``--set`` overrides, the same
-budget and the same seed. Its transfer score is :func:`agents.transfer.transfer_score` per seed (fine-tuned and
-scratch runs of the same seed paired), reported as mean and standard deviation over seeds, above the target's
-random-agent score (``baseline="random"``, measured once and cached) or above zero (``"zero"``).
+(:mod:`~rims_rl.agents.transfer`), all with the Atari config (``configs/atari.yaml``) and the ``--set`` overrides,
+the same budget and the same seed. Its transfer score is :func:`~rims_rl.agents.transfer.transfer_score` per seed
+(fine-tuned and scratch runs of the same seed paired), reported as mean and standard deviation over seeds, above
+the target's random-agent score (``baseline="random"``, measured once and cached) or above zero (``"zero"``).
 
 Layout under the output root (default ``runs/transfer``); every run is a normal run directory
 (``rims-rl evaluate``, ``rims-rl compare`` and ``rims-rl train --resume`` work on it)::
@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rims_rl.agents.reports import load_curve
+from rims_rl.agents.transfer import random_score, score_from_areas, source_model_file, window_areas
 
-from agents.reports import load_curve
-from agents.transfer import random_score, score_from_areas, source_model_file, window_areas
 from rims_rl.config import CONFIG_DIR, TrainConfig, resolve_config
 
 __all__ = [
@@ -100,7 +100,7 @@ def game_id(name: str) -> str:
 
     :raises TransferRejected: if it is not an Atari game.
     """
-    from envs.atari import ATARI_V4_IDS
+    from rims_rl.envs.atari import ATARI_V4_IDS
 
     env_id = name if name.endswith("NoFrameskip-v4") else f"{name}NoFrameskip-v4"
     if env_id not in ATARI_V4_IDS:
@@ -218,8 +218,8 @@ def ensure_run(cfg: TrainConfig, run_dir: Path, settings: TransferSettings, wait
 
     :raises TransferRejected: if ``run_dir`` holds a run of another config.
     """
-    from agents.checkpoints import RunInUse, RunLock
-    from agents.training import RunRejected, load_run, resume, train
+    from rims_rl.agents.checkpoints import RunInUse, RunLock
+    from rims_rl.agents.training import RunRejected, load_run, resume, train
 
     while True:
         try:
@@ -268,7 +268,7 @@ def baseline_score(settings: TransferSettings, target: str, cfg: TrainConfig) ->
     """The target's reference score: 0, or its random-agent score (cached in ``<root>/random_scores.json``)."""
     if settings.baseline == "zero":
         return 0.0
-    from agents.training import atari_settings
+    from rims_rl.agents.training import atari_settings
 
     path = settings.root / "random_scores.json"
     scores = json.loads(path.read_text()) if path.is_file() else {}

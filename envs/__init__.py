@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
+from rims_rl.envs.atari import ATARI_IDS, AtariSettings, AtariVecEnv, is_atari, make_atari_wrapped
+from rims_rl.envs.babyai import BABYAI_IDS, register_babyai
+from rims_rl.envs.cheetah import CHEETAH_IDS, register_cheetah
+from rims_rl.envs.classic import CLASSIC_IDS, register_classic
+from rims_rl.envs.wrappers import EfferenceCopy
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
-
-from envs.atari import ATARI_IDS, AtariSettings, AtariVecEnv, is_atari, make_atari_wrapped
-from envs.babyai import BABYAI_IDS, register_babyai
-from envs.cheetah import CHEETAH_IDS, register_cheetah
-from envs.classic import CLASSIC_IDS, register_classic
-from envs.wrappers import EfferenceCopy
 
 __all__ = [
     "FAMILIES",
@@ -108,7 +107,7 @@ def make_env(
     :param vec_env: one of :data:`VEC_ENVS`.
     :param efference_copy: join the previous action and reward to the observation (:class:`EfferenceCopy`);
         vector observations only.
-    :param atari: the preprocessing of Atari games (:class:`envs.atari.AtariSettings`; DeepMind's by default).
+    :param atari: the preprocessing of Atari games (:class:`rims_rl.envs.atari.AtariSettings`; DeepMind's by default).
     :raises ValueError: a vectorisation or option this env does not support.
     """
     check_env_id(env_id)

@@ -293,7 +293,7 @@ def register_babyai() -> None:
         if env_id in gym.registry:
             continue
         kwargs = dict(preset, room_size=_ROOM, targets=POOLS["train"], distractors=POOLS[preset["distractors"]])
-        gym.register(env_id, entry_point="envs.babyai:ObjectPickingEnv", kwargs=kwargs)
+        gym.register(env_id, entry_point="rims_rl.envs.babyai:ObjectPickingEnv", kwargs=kwargs)
 
 
 def split_of(env_id: str) -> str | None:

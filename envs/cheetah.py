@@ -237,4 +237,4 @@ def make_pixel_cheetah(
 def register_cheetah() -> None:
     for env_id, perturb in zip(CHEETAH_IDS, ("none", "perturbed"), strict=True):
         if env_id not in gym.registry:
-            gym.register(env_id, entry_point="envs.cheetah:make_pixel_cheetah", kwargs={"perturb": perturb})
+            gym.register(env_id, entry_point="rims_rl.envs.cheetah:make_pixel_cheetah", kwargs={"perturb": perturb})

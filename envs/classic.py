@@ -28,7 +28,7 @@ As ``Pendulum-v1``: a torque in [-2, 2]; reward ``-(theta^2 + 0.1 thetadot^2 + 0
 200 steps.
 
 ## Registered Configurations
-``CartPoleNoVel-v1``, ``PendulumNoVel-v1`` (registered when :mod:`envs` is imported).
+``CartPoleNoVel-v1``, ``PendulumNoVel-v1`` (registered when :mod:`rims_rl.envs` is imported).
 """
 
 from __future__ import annotations

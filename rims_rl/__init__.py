@@ -6,9 +6,10 @@ Public API::
     from rims_rl import RIMPolicy, RIMCnnPolicy, RIMMultiInputPolicy   # sb3-contrib policies
     from rims_rl import MlpLstmPolicy, CnnLstmPolicy, MultiInputLstmPolicy  # the LSTM baselines
 
-Algorithms live in :mod:`agents` (``agents.ppo.RecurrentPPO``, ``agents.recurrent_a2c.RecurrentA2C``), environments
-in :mod:`envs`, feature extractors in :mod:`rims_rl.extractors`, and the command line in :mod:`rims_rl.cli`
-(``rims-rl``).
+Algorithms live in :mod:`rims_rl.agents` (``rims_rl.agents.ppo.RecurrentPPO``,
+``rims_rl.agents.recurrent_a2c.RecurrentA2C``), environments in :mod:`rims_rl.envs`, feature extractors in
+:mod:`rims_rl.extractors`, and the command line in :mod:`rims_rl.cli` (``rims-rl``). Layers (an arrow is "may
+import"): ``rims_rl.cli -> rims_rl.agents -> rims_rl.{rim, policies, extractors, config, tracking}, rims_rl.envs``.
 """
 
 from rims_rl.rim import RIM, RIMInfo

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -48,7 +49,8 @@ __all__ = [
     "resolve_imitation_config",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(str(files("rims_rl.configs")))
+"""The shipped YAML configs (package data: ``configs/`` in the checkout)."""
 
 
 class ConfigError(ValueError):

@@ -84,7 +84,7 @@ class GridMissionExtractor(BaseFeaturesExtractor):
     """Goal-conditioned encoder of a symbolic grid view and a tokenised mission (BabyAI-style dict observations).
 
     Observations: ``{"image": (H, W, C) integer codes, "mission": (L,) word ids, 0 = padding}`` (the object-picking
-    envs of :mod:`envs.babyai` give MiniGrid's ``7 x 7 x 3`` codes and 5-word missions); SB3 hands them over as
+    envs of :mod:`rims_rl.envs.babyai` give MiniGrid's ``7 x 7 x 3`` codes and 5-word missions); SB3 hands them over as
     floats, which are read back as integers.
 
     - *cells*: each of a cell's ``C`` codes has its own embedding table (sized from the space's upper bounds); a

@@ -12,7 +12,7 @@ Everything else (feature extractors, heads, ``net_arch``, distributions) is sb3-
 
 Contract with sb3-contrib: the recurrent state is the same ``(h, c)`` pair of shape ``(1, n_envs, K * H)`` that
 its rollout buffer stores, and the RIM is reachable as ``policy.lstm_actor`` (with ``num_layers`` and
-``hidden_size`` like ``nn.LSTM``), so ``RecurrentPPO`` and ``agents.recurrent_a2c.RecurrentA2C`` work unchanged.
+``hidden_size`` like ``nn.LSTM``), so ``RecurrentPPO`` and ``rims_rl.agents.recurrent_a2c.RecurrentA2C`` work unchanged.
 Each minibatch sequence runs through the RIM in one call; episode starts inside a sequence reset the state at that
 step.
 
@@ -67,7 +67,7 @@ class _SharedCriticGradMixin:
 
     - *compact observations*: sb3-contrib's buffer pads every minibatch to ``n_seq x max_length`` samples, so the
       feature extractor (a CNN on Atari: most of the compute) ran on padding too. When the algorithm sets
-      :attr:`padding_mask` (``agents.buffers.CompactRecurrentRolloutBuffer`` does, via ``agents.ppo``) and the
+      :attr:`padding_mask` (``rims_rl.agents.buffers``' compact buffers do, via ``rims_rl.agents.ppo``) and the
       observations are the unpadded samples, the extractor runs on those only and its features are scattered into
       the padded layout (zeros at padding, which only follows the end of a sequence and is masked from the loss).
     - images go through the CNN in channels-last memory format on CPU (~1.35x faster convolutions there).
@@ -78,7 +78,7 @@ class _SharedCriticGradMixin:
     padding_mask: th.Tensor | None = None
     """Set by the algorithm around each training minibatch: True at the padded positions that hold a sample."""
     compact_observations = True
-    """Tells :class:`agents.buffers.CompactRecurrentRolloutBuffer` that this policy accepts unpadded observations."""
+    """Tells the compact rollout buffers (``rims_rl.agents.buffers``) that this policy accepts unpadded observations."""
 
     def extract_features(self, obs, features_extractor=None):  # type: ignore[no-untyped-def]
         if isinstance(obs, th.Tensor) and obs.dim() == 4 and obs.device.type == "cpu":

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from envs.atari import ATARI_V4_IDS
+from rims_rl.envs.atari import ATARI_V4_IDS
 
 POLICIES = ("rims", "lstm")
 
@@ -44,7 +44,7 @@ class Cell:
 
 def game_id(name: str) -> str:
     """``Pong``, ``PongNoFrameskip-v4`` or ``ALE/Pong-v5`` -> the env id; ValueError for an unknown game."""
-    from envs.atari import is_atari
+    from rims_rl.envs.atari import is_atari
 
     if is_atari(name):
         return name
@@ -69,7 +69,7 @@ def plan(out: Path, games: list[str], policies: list[str], seeds: list[int]) -> 
 
 
 def command(cell: Cell, args: argparse.Namespace) -> list[str]:
-    from agents.checkpoints import latest_checkpoint
+    from rims_rl.agents.checkpoints import latest_checkpoint
 
     if cell.status != "todo" and latest_checkpoint(cell.run_dir)[0] is not None:
         return [sys.executable, "-m", "rims_rl.cli", "train", "--resume", str(cell.run_dir), "--device", args.device,

@@ -1,4 +1,4 @@
-"""The cost of recording RIM activations during training, measured through ``agents.training.train``.
+"""The cost of recording RIM activations during training, measured through ``rims_rl.agents.training.train``.
 
     python scripts/benchmark_activations.py [--env DemonAttackNoFrameskip-v4] [--repeats 5] [--rollouts 3]
 
@@ -26,8 +26,9 @@ MODES = {
 
 
 def main() -> None:
-    from agents.training import train
-    from rims_rl.cli import _family_config
+    from rims_rl.agents.training import train
+    from rims_rl.cli.train import _family_config
+
     from rims_rl.config import resolve_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -5,7 +5,7 @@
 Prints medians over interleaved repeats (targets from the Atari issue in brackets):
 
 1. raw environment steps/s, 8 envs, random actions, DeepMind preprocessing:
-   ale-py's native vector env (``envs.atari.AtariVecEnv``, the default) vs SB3's ``make_atari_env`` +
+   ale-py's native vector env (``rims_rl.envs.atari.AtariVecEnv``, the default) vs SB3's ``make_atari_env`` +
    ``VecFrameStack`` (the usual SB3 setup), and the project's wrapper path (``vec_env: dummy``).
 2. RecurrentPPO training env steps/s with ``configs/atari.yaml`` (8 envs x 128 steps, 4 epochs, 4 minibatches):
    RIM policy vs the project's LSTM policy (same CNN, heads, PPO settings)                     [RIM/LSTM >= 0.75]
@@ -30,10 +30,9 @@ from rims_rl.allocator import keep_freed_memory
 
 
 def env_benchmark(env_id: str, repeats: int, seconds: float) -> None:
+    from rims_rl.envs.atari import AtariVecEnv, make_atari_wrapped
     from stable_baselines3.common.env_util import make_atari_env
     from stable_baselines3.common.vec_env import VecFrameStack
-
-    from envs.atari import AtariVecEnv, make_atari_wrapped
 
     builders = {
         "ale-py native (AtariVecEnv)": lambda: AtariVecEnv(env_id, n_envs=8, seed=0),
@@ -62,12 +61,12 @@ def env_benchmark(env_id: str, repeats: int, seconds: float) -> None:
 
 
 def training_benchmark(env_id: str, repeats: int, steps: int, device: str) -> None:
+    from rims_rl.agents.training import prepare
     from sb3_contrib import RecurrentPPO as StockRecurrentPPO
     from sb3_contrib.ppo_recurrent.policies import CnnLstmPolicy as StockCnnLstmPolicy
     from stable_baselines3.common.env_util import make_atari_env
     from stable_baselines3.common.vec_env import VecFrameStack
 
-    from agents.training import prepare
     from rims_rl.config import CONFIG_DIR, resolve_config
 
     def config(policy: str):

@@ -97,10 +97,10 @@ def core_benchmarks(repeats: int, device: str) -> None:
 
 
 def training_benchmark(repeats: int, device: str, steps: int) -> None:
+    from rims_rl.agents.training import build_model
+    from rims_rl.envs import make_env
     from sb3_contrib.ppo_recurrent.policies import MlpLstmPolicy as StockLstmPolicy
 
-    from agents.training import build_model
-    from envs import make_env
     from rims_rl.config import CONFIG_DIR, resolve_config
 
     def run(policy: str, stock: bool = False) -> Callable[[], float]:
@@ -110,7 +110,7 @@ def training_benchmark(repeats: int, device: str, steps: int) -> None:
         env = make_env(cfg.env, n_envs=cfg.n_envs, seed=0)
         model = build_model(cfg, env)
         if stock:  # the same settings with sb3-contrib's own policy class
-            from agents.ppo import RecurrentPPO
+            from rims_rl.agents.ppo import RecurrentPPO
 
             kwargs = dict(model.policy_kwargs)
             kwargs.pop("shared_critic_grad", None)

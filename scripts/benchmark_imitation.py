@@ -15,11 +15,11 @@ import statistics
 import time
 
 import numpy as np
+import rims_rl.envs  # noqa: F401
 import torch as th
+from rims_rl.agents.imitation import PixelPolicy, _masked_mse
+from rims_rl.envs.cheetah import make_pixel_cheetah
 
-import envs  # noqa: F401
-from agents.imitation import PixelPolicy, _masked_mse
-from envs.cheetah import make_pixel_cheetah
 from rims_rl.config import ImitationConfig
 
 

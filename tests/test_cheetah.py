@@ -5,9 +5,8 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
-
-import envs  # noqa: F401  (registers the ids)
-from envs.cheetah import (
+import rims_rl.envs  # noqa: F401  (registers the ids)
+from rims_rl.envs.cheetah import (
     ACTUATED_JOINTS,
     PERTURB_PRESETS,
     JointPerturbation,

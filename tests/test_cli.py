@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from rims_rl.cli import main
 
 TINY = ["--total-timesteps", "256", "--n-envs", "2", "--no-progress", "--set", "ppo.n_steps=32",
@@ -298,7 +297,7 @@ def test_bad_run_input_is_refused_and_the_run_directory_untouched(case, trained_
 
 
 def test_a_run_in_use_is_neither_resumed_nor_overwritten(trained_run, tmp_path, capsys):
-    from agents.checkpoints import RunLock
+    from rims_rl.agents.checkpoints import RunLock
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(".lock"))
@@ -343,7 +342,7 @@ def test_evaluate_with_dropped_units_reports_both_scores(trained_run, tmp_path, 
 
 
 def test_an_ablation_preset_trains_the_ablated_rim(tmp_path):
-    from agents.ppo import RecurrentPPO
+    from rims_rl.agents.ppo import RecurrentPPO
 
     run = tmp_path / "run"
     assert main(["train", "--env", "CartPoleNoVel-v1", "--ablation", "no_communication", "--ablation", "all_active",

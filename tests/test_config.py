@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from rims_rl.envs import FAMILIES
 
-from envs import FAMILIES
 from rims_rl.config import (
     CONFIG_DIR,
     ConfigError,
@@ -127,7 +127,8 @@ TRAIN_SWEEPS = [p for p in sorted((CONFIG_DIR / "sweeps").glob("*.yaml")) if p.n
 def test_every_sweep_run_is_a_valid_train_command(sweep_file):
     import itertools
 
-    from rims_rl.cli import _resolve, _train_flags, build_parser
+    from rims_rl.cli import build_parser
+    from rims_rl.cli.train import _resolve, _train_flags
 
     sweep = yaml.safe_load(sweep_file.read_text())
     assert sweep["method"] == "grid" and sweep["command"][1:3] == ["rims-rl", "train"]

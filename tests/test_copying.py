@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch as th
-
-from agents.copying import (
+from rims_rl.agents.copying import (
     BLANK,
     INDICATOR,
     N_DIGITS,
@@ -20,6 +19,7 @@ from agents.copying import (
     train_copying,
 )
 from rims_rl.cli import main
+
 from rims_rl.config import CopyingConfig, resolve_copying_config
 
 
@@ -84,7 +84,7 @@ def test_rim_learns_to_copy_at_the_training_span(seed, tmp_path):
 
 
 def test_copying_command_trains_is_interrupted_and_resumes_to_the_same_end(tmp_path, capsys, monkeypatch):
-    import agents.copying as copying
+    import rims_rl.agents.copying as copying
 
     argv = ["copying", "--model", "rims", "--train-span", "6", "--test-span", "12", "--updates", "30",
             "--num-units", "3", "--unit-size", "8", "--k-active", "2", "--set", "eval_every=10",

@@ -6,9 +6,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
-
-from envs import FAMILIES, EfferenceCopy, UnknownEnvError, check_env_id, make_env
-from envs.classic import CLASSIC_IDS
+from rims_rl.envs import FAMILIES, EfferenceCopy, UnknownEnvError, check_env_id, make_env
+from rims_rl.envs.classic import CLASSIC_IDS
 
 
 @pytest.mark.filterwarnings("ignore:.*different from the unwrapped version")  # the masking wrapper is the env

@@ -1,5 +1,5 @@
 """Half-Cheetah imitation: the SAC expert, demonstrations, behaviour cloning with truncated BPTT, perturbed evaluation
-and the CLI around them (agents/experts.py, agents/imitation.py, rims_rl/cli_imitation.py), at tiny scale."""
+and the CLI around them (agents/experts.py, agents/imitation.py, cli/imitation.py), at tiny scale."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import rims_rl.envs  # noqa: F401
 import torch as th
-from stable_baselines3 import SAC
-
-import envs  # noqa: F401
-from agents.experts import ExpertSettings, evaluate_expert, load_expert, train_expert
-from agents.imitation import (
+from rims_rl.agents.experts import ExpertSettings, evaluate_expert, load_expert, train_expert
+from rims_rl.agents.imitation import (
     Demos,
     PixelPolicy,
     _Batches,
@@ -23,9 +21,11 @@ from agents.imitation import (
     stack_index,
     train_imitation,
 )
-from envs.cheetah import make_pixel_cheetah
 from rims_rl.cli import main
-from rims_rl.cli_imitation import DEFAULT_EXPERT
+from rims_rl.cli.imitation import DEFAULT_EXPERT
+from rims_rl.envs.cheetah import make_pixel_cheetah
+from stable_baselines3 import SAC
+
 from rims_rl.config import ImitationConfig
 
 TINY = {  # small enough for CI: a RIM of 8 units x 16 (4 active), a 32-unit GRU, narrow head
@@ -145,7 +145,7 @@ def test_behaviour_cloning_overfits_a_few_sequences(policy: str, demos_file: Pat
 
 
 def test_interrupted_imitation_resumes_where_it_stopped(demos_file: Path, tmp_path: Path):
-    from agents.imitation import ImitationInterrupted
+    from rims_rl.agents.imitation import ImitationInterrupted
 
     cfg = ImitationConfig.model_validate({**TINY, "policy": "gru", "demos": str(demos_file), "epochs": 3})
     straight = train_imitation(cfg, tmp_path / "a")

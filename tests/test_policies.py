@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import rims_rl.envs  # noqa: F401 - registers the NoVel ids
 import torch as th
 from gymnasium import spaces
+from rims_rl.agents.ppo import RecurrentPPO
 from sb3_contrib import RecurrentPPO as ContribRecurrentPPO
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.torch_layers import NatureCNN
 
-import envs  # noqa: F401 - registers the NoVel ids
-from agents.ppo import RecurrentPPO
 from rims_rl import RIM
 from rims_rl.extractors import NatureCNNGrid
 from rims_rl.policies import MlpLstmPolicy, RIMCnnPolicy, RIMMultiInputPolicy, RIMPolicy

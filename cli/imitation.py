@@ -14,13 +14,15 @@ import argparse
 import json
 import sys
 from datetime import datetime
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from rims_rl.cli import UsageError, _check_device, _signal_exit_code
+from rims_rl.cli.common import UsageError, check_device, signal_exit_code
+
 from rims_rl.config import resolve_imitation_config
 
-DEFAULT_EXPERT = Path(__file__).resolve().parent.parent / "experts" / "HalfCheetah-v5.pt"
+DEFAULT_EXPERT = Path(str(files("rims_rl.experts"))) / "HalfCheetah-v5.pt"
 PAPER_TABLE6 = {  # method -> (unperturbed, perturbed) as "mean +- std" (the paper's Table 6)
     "LSTM": ("5400 +- 100", "2500 +- 300"),
     "RIMs (k_T=6, k_A=3)": ("5300 +- 200", "3800 +- 200"),
@@ -37,7 +39,7 @@ def is_imitation_run(run_dir: Path) -> bool:
 
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_expert(args: argparse.Namespace) -> int:
-    from agents.experts import ExpertSettings, train_expert
+    from rims_rl.agents.experts import ExpertSettings, train_expert
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -48,7 +50,7 @@ def cmd_expert(args: argparse.Namespace) -> int:
         if args.total_timesteps:
             settings.total_timesteps = args.total_timesteps
     else:
-        from envs import check_env_id
+        from rims_rl.envs import check_env_id
 
         check_env_id(args.env)
         if args.total_timesteps < 1:
@@ -59,7 +61,7 @@ def cmd_expert(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir or f"runs/experts/{args.env}-s{args.seed}")
         if (run_dir / "expert.json").exists() and not args.overwrite:
             raise UsageError(f"{run_dir} already holds an expert (--resume {run_dir} continues it, or --overwrite)")
-    _check_device(settings.device)
+    check_device(settings.device)
     import gymnasium as gym
     from gymnasium import spaces
 
@@ -79,7 +81,7 @@ def cmd_expert(args: argparse.Namespace) -> int:
 
 
 def cmd_demos(args: argparse.Namespace) -> int:
-    from agents.imitation import record_demos
+    from rims_rl.agents.imitation import record_demos
 
     expert = Path(args.expert)
     if not (expert.is_file() or (expert / "expert.pt").is_file()):
@@ -112,8 +114,8 @@ def cmd_demos(args: argparse.Namespace) -> int:
 
 
 def cmd_imitate(args: argparse.Namespace) -> int:
-    from agents.callbacks import GracefulStop
-    from agents.imitation import ImitationInterrupted, evaluate_pixel_policy, train_imitation
+    from rims_rl.agents.callbacks import GracefulStop
+    from rims_rl.agents.imitation import ImitationInterrupted, evaluate_pixel_policy, train_imitation
 
     if args.resume:
         import yaml
@@ -145,7 +147,7 @@ def cmd_imitate(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir or f"runs/imitation/{cfg.policy}{tag}-s{cfg.seed}-{stamp}")
         if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
             raise UsageError(f"run directory {run_dir} is not empty (--resume it, --overwrite, or another --run-dir)")
-    _check_device(cfg.device)
+    check_device(cfg.device)
     stop = GracefulStop()
     stop.install()
 
@@ -161,7 +163,7 @@ def cmd_imitate(args: argparse.Namespace) -> int:
         info = train_imitation(cfg, run_dir, resume=bool(args.resume), stop=stop, on_epoch=on_epoch)
     except ImitationInterrupted as err:
         print(f"rims-rl: {err}; resume with: rims-rl imitate --resume {run_dir}", file=sys.stderr)
-        return _signal_exit_code(err.signal_name)
+        return signal_exit_code(err.signal_name)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     finally:
@@ -169,7 +171,7 @@ def cmd_imitate(args: argparse.Namespace) -> int:
     final = info.get("final", {})
     print(f"final train loss {final.get('train_loss', float('nan')):.4f}, val loss {final.get('val_loss', 0):.4f}")
     if cfg.eval_episodes:
-        from agents.imitation import load_imitation_run
+        from rims_rl.agents.imitation import load_imitation_run
 
         _, policy = load_imitation_run(run_dir, cfg.device)
         results = [
@@ -198,8 +200,8 @@ def _record_perturb(run_dir: Path, results: list[Any]) -> Path:
 
 def evaluate_perturb(args: argparse.Namespace, run_dir: Path) -> int:
     """``rims-rl evaluate RUN_DIR [--perturb SPEC[,SPEC]]`` on an imitation run."""
-    from agents.imitation import evaluate_pixel_policy, load_imitation_run
-    from envs.cheetah import parse_perturb
+    from rims_rl.agents.imitation import evaluate_pixel_policy, load_imitation_run
+    from rims_rl.envs.cheetah import parse_perturb
 
     if args.env or args.split or args.drop_unit:
         raise UsageError("imitation runs are evaluated on the pixel Half-Cheetah: use --perturb, not --env/--split")
@@ -212,7 +214,7 @@ def evaluate_perturb(args: argparse.Namespace, run_dir: Path) -> int:
     episodes = args.episodes if args.episodes is not None else 5
     if episodes < 1:
         raise UsageError(f"--episodes must be >= 1, got {episodes}")
-    _check_device(args.device)
+    check_device(args.device)
     try:
         cfg, policy = load_imitation_run(run_dir, args.device)
     except (FileNotFoundError, KeyError, ValueError) as err:

@@ -15,7 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rims_rl.cli import UsageError, _check_device, _signal_exit_code
+from rims_rl.cli.common import UsageError, check_device, signal_exit_code
+
 from rims_rl.config import ABLATIONS, CopyingConfig, resolve_copying_config
 
 
@@ -71,11 +72,11 @@ def _config(args: argparse.Namespace) -> tuple[CopyingConfig, Path]:
 
 
 def cmd_copying(args: argparse.Namespace) -> int:
-    from agents.callbacks import GracefulStop
-    from agents.copying import CopyingInterrupted, train_copying
+    from rims_rl.agents.callbacks import GracefulStop
+    from rims_rl.agents.copying import CopyingInterrupted, train_copying
 
     cfg, run_dir = _config(args)
-    _check_device(cfg.device)
+    check_device(cfg.device)
     if args.overwrite and not args.resume and run_dir.exists():
         import shutil
 
@@ -97,7 +98,7 @@ def cmd_copying(args: argparse.Namespace) -> int:
         info = train_copying(cfg, run_dir, resume=bool(args.resume), stop=stop, on_eval=on_eval)
     except CopyingInterrupted as err:
         print(f"rims-rl: {err}; resume with: rims-rl copying --resume {run_dir}", file=sys.stderr)
-        return _signal_exit_code(err.signal_name)
+        return signal_exit_code(err.signal_name)
     except FloatingPointError as err:
         raise UsageError(f"training diverged: {err} (the last checkpoint is kept; try a lower learning_rate)") from None
     finally:
