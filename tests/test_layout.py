@@ -75,3 +75,16 @@ def test_imports_go_down_the_layers(module):
 def test_no_two_modules_import_each_other():
     cycles = sorted((a, b) for a, deps in GRAPH.items() for b in deps if a < b and a in GRAPH.get(b, ()))
     assert cycles == []
+
+
+def test_the_rim_module_imports_only_torch():
+    tree = ast.parse((ROOT / "rims_rl" / "rim.py").read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            roots.add((node.module or "").split(".")[0])
+    stdlib = {"__future__", "math", "os", "shutil", "threading", "warnings", "collections", "concurrent", "pathlib",
+              "types", "typing", "functools", "dataclasses", "contextlib"}  # fmt: skip
+    assert roots - stdlib <= {"torch", "rims_rl"}

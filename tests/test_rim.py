@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import rims_rl.rim
-from rims_rl.rim import RIM
-from tests.rim_reference import reference_forward
+import rims_rl.rim_fast
+from rims_rl.rim import RIM, reference_forward
 
 
 @pytest.fixture(
@@ -25,10 +25,10 @@ def vector_input_path(request, monkeypatch):
     query and input-to-gate weights (``_fold_input``), chosen by sizes in use and forced here; and each with the
     loop in Python and in C++ (``NATIVE_LOOP``; it covers what it applies to, the rest runs in Python)."""
     path, native = request.param
-    if native and rims_rl.rim._native() is None:
+    if native and rims_rl.rim_fast._native() is None:
         pytest.skip("the C++ loop could not be built here (test_native_loop_builds says why)")
-    monkeypatch.setattr(rims_rl.rim, "VECTOR_INPUT_PATH", path)
-    monkeypatch.setattr(rims_rl.rim, "NATIVE_LOOP", native)
+    monkeypatch.setattr(rims_rl.rim_fast, "VECTOR_INPUT_PATH", path)
+    monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", native)
     return path
 
 
@@ -64,7 +64,8 @@ CONFIGS = [
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("n_elements", [1, 3])
-def test_matches_the_naive_reference_in_values_and_gradients(config, n_elements):
+def test_matches_the_reference_step_in_values_and_gradients(config, n_elements):
+    """Every fast path (the autouse fixture forces each) computes what a plain loop of RIM.step computes."""
     rim = make_rim(**config)
     x, h0, c0 = random_inputs(N=n_elements)
     starts = torch.zeros(6, 4)
@@ -72,10 +73,10 @@ def test_matches_the_naive_reference_in_values_and_gradients(config, n_elements)
     inputs = [t.clone().requires_grad_() for t in (x, h0, c0)]
     out, (h, c), info = rim(inputs[0], (inputs[1], inputs[2]), episode_starts=starts)
     ref_inputs = [t.clone().requires_grad_() for t in (x, h0, c0)]
-    r_out, r_h, r_c, r_masks, r_null = reference_forward(rim, *ref_inputs, episode_starts=starts)
+    r_out, (r_h, r_c), r_info = reference_forward(rim, ref_inputs[0], tuple(ref_inputs[1:]), episode_starts=starts)
 
-    assert torch.equal(info.activation_mask, r_masks)
-    torch.testing.assert_close(info.null_attention, r_null.detach())
+    assert torch.equal(info.activation_mask, r_info.activation_mask)
+    torch.testing.assert_close(info.input_attention, r_info.input_attention.detach())
     torch.testing.assert_close(out, r_out)
     torch.testing.assert_close(h, r_h)
     if rim.cell == "lstm":
@@ -340,8 +341,8 @@ def test_a_dropped_unit_is_never_active_and_its_state_stays_zero(input_attention
 
 
 def test_the_vector_input_path_is_chosen_by_sizes(monkeypatch):
-    monkeypatch.setattr(rims_rl.rim, "VECTOR_INPUT_PATH", None)
-    choose = rims_rl.rim._vector_input_path
+    monkeypatch.setattr(rims_rl.rim_fast, "VECTOR_INPUT_PATH", None)
+    choose = rims_rl.rim_fast._vector_input_path
     # Atari: CNN features 512, RIM 6 x 100, keys 64, values 100 per head, LSTM gates 400; PPO minibatches of two
     # 128-step sequences: projected; rollout steps and larger batches: per step.
     assert choose(L=128, B=2, D=512, H=100, dk=64, dv=100, G=400) == "projected"
@@ -359,21 +360,23 @@ def test_native_loop_builds(monkeypatch):
     skipped C++ variants of the tests above. ``RIMS_RL_NATIVE=0`` opts out."""
     if os.environ.get("RIMS_RL_NATIVE", "1") == "0":
         pytest.skip("RIMS_RL_NATIVE=0: the C++ loop is switched off")
-    monkeypatch.setattr(rims_rl.rim, "NATIVE_LOOP", True)
-    assert rims_rl.rim._native() is not None
+    monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", True)
+    assert rims_rl.rim_fast._native() is not None
 
 
 def test_native_loop_runs_where_it_applies_and_python_elsewhere(monkeypatch):
     """With the C++ loop on, one input vector never enters the Python loop (forward, backward, without gradient;
     with and without attention dropout); an input set still does."""
-    monkeypatch.setattr(rims_rl.rim, "NATIVE_LOOP", None)
-    if rims_rl.rim._native() is None:
+    monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", None)
+    if rims_rl.rim_fast._native() is None:
         pytest.skip("the C++ loop could not be built here (test_native_loop_builds says why)")
-    monkeypatch.setattr(rims_rl.rim, "NATIVE_LOOP", True)
+    monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", True)
     calls = []
     for name in ("_run_loop", "_backward_loop"):
-        original = getattr(rims_rl.rim, name)
-        monkeypatch.setattr(rims_rl.rim, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+        original = getattr(rims_rl.rim_fast, name)
+        monkeypatch.setattr(
+            rims_rl.rim_fast, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
+        )
     x, h0, c0 = random_inputs()
     rim = make_rim()
     out, _, _ = rim(x[:, :, 0], (h0, c0))
@@ -395,12 +398,12 @@ def test_native_loop_runs_where_it_applies_and_python_elsewhere(monkeypatch):
 def test_python_and_cpp_loops_agree_with_attention_dropout(cell, monkeypatch):
     """Dropout masks are drawn before the loop, so with the same seed the C++ loop gives the Python loop's
     outputs and gradients (LSTM bit for bit; GRU to rounding, as without dropout)."""
-    monkeypatch.setattr(rims_rl.rim, "NATIVE_LOOP", None)
-    if rims_rl.rim._native() is None:
+    monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", None)
+    if rims_rl.rim_fast._native() is None:
         pytest.skip("the C++ loop could not be built here (test_native_loop_builds says why)")
     results = []
     for native in (False, True):
-        monkeypatch.setattr(rims_rl.rim, "NATIVE_LOOP", native)
+        monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", native)
         rim = make_rim(cell=cell, dropout=0.3)
         x, h0, c0 = random_inputs()
         x = x[:, :, 0].requires_grad_()
