@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
-from rims_rl.envs import AtariSettings, make_env
-from rims_rl.envs.atari import is_atari
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.preprocessing import is_image_space
 
+from rims_rl.envs import AtariSettings, make_env
+from rims_rl.envs.atari import is_atari
 from rims_rl.tracking import activation_heatmap
 
 __all__ = ["EpisodeActivations", "play_episodes", "write_episode", "write_summary"]

@@ -220,7 +220,6 @@ def _write_progress(path: Path, history: list[dict[str, float]]) -> None:
 def _start_run(cfg: CopyingConfig, run_dir: Path, resume: bool) -> tuple[dict[str, Any], Any]:
     """run.json and the W&B run (continued on resume)."""
     from rims_rl.agents.training import _write_json
-
     from rims_rl.tracking import start_wandb
 
     run_dir.mkdir(parents=True, exist_ok=True)

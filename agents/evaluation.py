@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rims_rl.envs import AtariSettings, make_env
-from rims_rl.envs.atari import is_atari
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.evaluation import evaluate_policy
+
+from rims_rl.envs import AtariSettings, make_env
+from rims_rl.envs.atari import is_atari
 
 __all__ = [
     "EVAL_N_ENVS",

@@ -382,7 +382,6 @@ def train_imitation(
     Returns the final summary (also in ``run.json``).
     """
     from rims_rl.agents.training import _write_json
-
     from rims_rl.tracking import start_wandb
 
     demos = load_demos(cfg.demos)

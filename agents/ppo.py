@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from rims_rl.agents.buffers import COMPACT_BUFFERS, compact_buffer_class
 from sb3_contrib import RecurrentPPO as _RecurrentPPO
 from sb3_contrib.common.recurrent.type_aliases import RecurrentRolloutBufferSamples
 from stable_baselines3.common.policies import BasePolicy
 
+from rims_rl.agents.buffers import COMPACT_BUFFERS, compact_buffer_class
 from rims_rl.policies import (
     CnnLstmPolicy,
     MlpLstmPolicy,

@@ -42,8 +42,6 @@ from typing import Any, ClassVar, TypeVar
 
 import torch as th
 from gymnasium import spaces
-from rims_rl.agents.buffers import COMPACT_BUFFERS, compact_buffer_class, whole_rollout
-from rims_rl.agents.ppo import POLICY_ALIASES, IterationCounter
 from sb3_contrib import RecurrentPPO as _SB3ContribRecurrentPPO
 from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer, RecurrentRolloutBuffer
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
@@ -53,6 +51,9 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
+
+from rims_rl.agents.buffers import COMPACT_BUFFERS, compact_buffer_class, whole_rollout
+from rims_rl.agents.ppo import POLICY_ALIASES, IterationCounter
 
 __all__ = ["RMSpropBiasCorrected", "RecurrentA2C", "a2c_loss"]
 

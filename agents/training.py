@@ -38,6 +38,19 @@ import gymnasium as gym
 import yaml
 from gymnasium import spaces
 from pydantic import ValidationError
+from stable_baselines3.common.callbacks import (
+    BaseCallback,
+    CallbackList,
+    ProgressBarCallback,
+    StopTrainingOnRewardThreshold,
+)
+from stable_baselines3.common.logger import CSVOutputFormat, Logger
+from stable_baselines3.common.preprocessing import is_image_space
+from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+from torch import nn
+
+from rims_rl import __version__
 from rims_rl.agents.callbacks import (
     GracefulStop,
     RunCheckpointCallback,
@@ -64,21 +77,8 @@ from rims_rl.agents.evaluation import EVAL_N_ENVS, EVAL_SEED_OFFSET, EvalResult,
 from rims_rl.agents.ppo import RecurrentPPO
 from rims_rl.agents.recurrent_a2c import RecurrentA2C
 from rims_rl.agents.transfer import TransferError, freeze, load_source_weights
-from rims_rl.envs import AtariSettings, make_env
-from stable_baselines3.common.callbacks import (
-    BaseCallback,
-    CallbackList,
-    ProgressBarCallback,
-    StopTrainingOnRewardThreshold,
-)
-from stable_baselines3.common.logger import CSVOutputFormat, Logger
-from stable_baselines3.common.preprocessing import is_image_space
-from stable_baselines3.common.utils import LinearSchedule
-from stable_baselines3.common.vec_env import VecEnv, VecNormalize
-from torch import nn
-
-from rims_rl import __version__
 from rims_rl.config import TrainConfig
+from rims_rl.envs import AtariSettings, make_env
 from rims_rl.extractors import GridMissionExtractor
 from rims_rl.tracking import ACTIVATIONS_DIR, RIMActivationCallback, WandbOutputFormat, start_wandb
 

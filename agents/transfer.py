@@ -38,9 +38,10 @@ from typing import Any
 
 import numpy as np
 import torch as th
-from rims_rl.agents.reports import area_under_curve
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.save_util import load_from_zip_file
+
+from rims_rl.agents.reports import area_under_curve
 
 __all__ = [
     "HEAD_PREFIXES",

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from rims_rl.agents.reports import load_curve
 from rims_rl.agents.transfer import random_score, score_from_areas, source_model_file, window_areas
-
 from rims_rl.config import CONFIG_DIR, TrainConfig, resolve_config
 
 __all__ = [

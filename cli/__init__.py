@@ -25,7 +25,6 @@ import logging
 import sys
 
 from rims_rl.cli.common import EXIT_INTERRUPTED, Parser, UsageError, fail
-
 from rims_rl.config import ConfigError
 
 __all__ = ["build_parser", "main"]
@@ -33,9 +32,8 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> Parser:
     """The ``rims-rl`` parser: each subcommand's module adds its own."""
-    from rims_rl.cli import copying, evaluate, imitation, train, transfer
-
     from rims_rl import __version__
+    from rims_rl.cli import copying, evaluate, imitation, train, transfer
 
     parser = Parser(prog="rims-rl", description="Train and evaluate RIM and LSTM agents with stable-baselines3.")
     parser.add_argument("--version", action="version", version=f"rims-rl {__version__}")
@@ -51,9 +49,8 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="rims-rl: warning: %(message)s")
     args = build_parser().parse_args(argv)
-    from rims_rl.envs import UnknownEnvError
-
     from rims_rl.allocator import keep_freed_memory
+    from rims_rl.envs import UnknownEnvError
 
     keep_freed_memory()  # large per-update buffers are reused instead of faulted in again (see rims_rl.allocator)
 

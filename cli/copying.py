@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from rims_rl.cli.common import UsageError, check_device, signal_exit_code
-
 from rims_rl.config import ABLATIONS, CopyingConfig, resolve_copying_config
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from rims_rl.cli.common import UsageError, check_device, signal_exit_code
-
 from rims_rl.config import resolve_imitation_config
 
 DEFAULT_EXPERT = Path(str(files("rims_rl.experts"))) / "HalfCheetah-v5.pt"

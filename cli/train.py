@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from rims_rl.cli.common import UsageError, check_device, signal_exit_code
-
 from rims_rl.config import ABLATIONS, CONFIG_DIR, TrainConfig, describe_fields, resolve_config
 
 _RESUME_KEEPS = ("device", "no_progress", "resume")  # the only train options that go with --resume

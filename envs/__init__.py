@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+
 from rims_rl.envs.atari import ATARI_IDS, AtariSettings, AtariVecEnv, is_atari, make_atari_wrapped
 from rims_rl.envs.babyai import BABYAI_IDS, register_babyai
 from rims_rl.envs.cheetah import CHEETAH_IDS, register_cheetah
 from rims_rl.envs.classic import CLASSIC_IDS, register_classic
 from rims_rl.envs.wrappers import EfferenceCopy
-from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 __all__ = [
     "FAMILIES",

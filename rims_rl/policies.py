@@ -188,9 +188,11 @@ class RIMPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
     After every forward pass of the actor's RIM, :attr:`rim_info` holds its :class:`~rims_rl.rim.RIMInfo`
     (activation mask ``(L, n_seq, K)`` and input attention), for callbacks that log activations at no extra cost.
 
-    Dropout (``rim_kwargs["dropout"]``, 0.1 in the paper's Table 3): SB3 collects rollouts in eval mode and runs the
-    update in train mode, so with dropout the update's first log-probabilities differ from the rollout's (the PPO
-    ratio does not start at 1). The winners are chosen before dropout, so they are the same in both modes.
+    Dropout (``rim_kwargs["dropout"]``) defaults to 0 here, not to the standalone module's 0.1 (the paper's Table 3):
+    SB3 collects rollouts in eval mode and runs the update in train mode, so with dropout the update's first
+    log-probabilities differ from the rollout's and the PPO ratio does not start at 1 (up to ~0.15 away with an O(1)
+    action head). Pass ``rim_kwargs=dict(dropout=0.1)`` for the paper's value. The winners are chosen before dropout,
+    so they are the same in both modes.
     """
 
     def __init__(
@@ -226,7 +228,7 @@ class RIMPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
             raise ValueError("shared_rim and enable_critic_rim are exclusive: set enable_critic_rim=False to share")
         if shared_rim and not share_features_extractor:
             raise ValueError("shared_rim needs share_features_extractor=True")
-        self.rim_kwargs = dict(rim_kwargs or {})
+        self.rim_kwargs = {"dropout": 0.0, **(rim_kwargs or {})}  # (class docstring)
         reserved = {"input_size", "num_units", "unit_size", "k_active", "cell"} & set(self.rim_kwargs)
         if reserved:
             raise ValueError(f"pass {', '.join(sorted(reserved))} as policy arguments, not in rim_kwargs")

@@ -18,11 +18,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+
 from rims_rl.agents.evaluation import EVAL_SEED_OFFSET, evaluate_splits, write_split_table
 from rims_rl.agents.training import ALGORITHMS, RunRejected, resume, train
-from rims_rl.envs.babyai import SPLITS, split_env_id
-
 from rims_rl.config import CONFIG_DIR, resolve_config
+from rims_rl.envs.babyai import SPLITS, split_env_id
 
 PAPER = {"known": "RIM ~1.0, LSTM lower", "novel": "RIM < 1.0, above LSTM"}
 

@@ -28,7 +28,6 @@ MODES = {
 def main() -> None:
     from rims_rl.agents.training import train
     from rims_rl.cli.train import _family_config
-
     from rims_rl.config import resolve_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -30,9 +30,10 @@ from rims_rl.allocator import keep_freed_memory
 
 
 def env_benchmark(env_id: str, repeats: int, seconds: float) -> None:
-    from rims_rl.envs.atari import AtariVecEnv, make_atari_wrapped
     from stable_baselines3.common.env_util import make_atari_env
     from stable_baselines3.common.vec_env import VecFrameStack
+
+    from rims_rl.envs.atari import AtariVecEnv, make_atari_wrapped
 
     builders = {
         "ale-py native (AtariVecEnv)": lambda: AtariVecEnv(env_id, n_envs=8, seed=0),
@@ -61,12 +62,12 @@ def env_benchmark(env_id: str, repeats: int, seconds: float) -> None:
 
 
 def training_benchmark(env_id: str, repeats: int, steps: int, device: str) -> None:
-    from rims_rl.agents.training import prepare
     from sb3_contrib import RecurrentPPO as StockRecurrentPPO
     from sb3_contrib.ppo_recurrent.policies import CnnLstmPolicy as StockCnnLstmPolicy
     from stable_baselines3.common.env_util import make_atari_env
     from stable_baselines3.common.vec_env import VecFrameStack
 
+    from rims_rl.agents.training import prepare
     from rims_rl.config import CONFIG_DIR, resolve_config
 
     def config(policy: str):

@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from rims_rl.agents.copying import CopyingModel, copying_batch
 from torch import nn
 from torch.nn import functional as F
 
+from rims_rl.agents.copying import CopyingModel, copying_batch
 from rims_rl.allocator import keep_freed_memory
 from rims_rl.config import CopyingConfig
 

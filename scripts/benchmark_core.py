@@ -97,11 +97,11 @@ def core_benchmarks(repeats: int, device: str) -> None:
 
 
 def training_benchmark(repeats: int, device: str, steps: int) -> None:
-    from rims_rl.agents.training import build_model
-    from rims_rl.envs import make_env
     from sb3_contrib.ppo_recurrent.policies import MlpLstmPolicy as StockLstmPolicy
 
+    from rims_rl.agents.training import build_model
     from rims_rl.config import CONFIG_DIR, resolve_config
+    from rims_rl.envs import make_env
 
     def run(policy: str, stock: bool = False) -> Callable[[], float]:
         cfg = resolve_config(

@@ -15,12 +15,12 @@ import statistics
 import time
 
 import numpy as np
-import rims_rl.envs  # noqa: F401
 import torch as th
-from rims_rl.agents.imitation import PixelPolicy, _masked_mse
-from rims_rl.envs.cheetah import make_pixel_cheetah
 
+import rims_rl.envs  # noqa: F401
+from rims_rl.agents.imitation import PixelPolicy, _masked_mse
 from rims_rl.config import ImitationConfig
+from rims_rl.envs.cheetah import make_pixel_cheetah
 
 
 def render_fps(shadows: bool, steps: int) -> float:

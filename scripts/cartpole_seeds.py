@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from rims_rl.agents.training import train
 
+from rims_rl.agents.training import train
 from rims_rl.config import CONFIG_DIR, resolve_config
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
+
 from rims_rl.agents.ppo import RecurrentPPO
 from rims_rl.agents.training import train
 from rims_rl.cli import main
-from stable_baselines3.common.callbacks import BaseCallback
-
 from rims_rl.config import CONFIG_DIR, ConfigError, resolve_config
 from rims_rl.tracking import RIMActivationCallback, activation_heatmap, read_activations, read_wandb_history
 

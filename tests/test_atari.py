@@ -13,13 +13,14 @@ import PIL.Image
 import pytest
 import torch as th
 import yaml
+from sb3_contrib.common.recurrent.buffers import RecurrentRolloutBuffer
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
+from stable_baselines3.common.monitor import Monitor
+
 from rims_rl.agents.buffers import CompactRecurrentRolloutBuffer
 from rims_rl.agents.ppo import RecurrentPPO
 from rims_rl.envs import FAMILIES, make_env
 from rims_rl.envs.atari import ATARI_V4_IDS, ATARI_V5_IDS, AtariSettings, AtariVecEnv, make_atari_wrapped
-from sb3_contrib.common.recurrent.buffers import RecurrentRolloutBuffer
-from sb3_contrib.common.recurrent.type_aliases import RNNStates
-from stable_baselines3.common.monitor import Monitor
 
 
 def test_every_game_is_listed():
@@ -228,7 +229,6 @@ def test_an_atari_run_stops_on_sigint_and_resumes_with_fresh_episodes(tmp_path, 
     import signal
 
     from rims_rl.agents.training import TrainingInterrupted, resume, train
-
     from rims_rl.config import CONFIG_DIR, resolve_config
     from tests.test_training import SignalAt
 

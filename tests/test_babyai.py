@@ -9,10 +9,11 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
-import rims_rl.envs  # noqa: F401  (registers the ids)
 import torch as th
 from gymnasium.utils.env_checker import check_env
 from minigrid.core.world_object import Ball, Key
+
+import rims_rl.envs  # noqa: F401  (registers the ids)
 from rims_rl.cli import main
 from rims_rl.envs import family_of
 from rims_rl.envs.babyai import (
@@ -183,9 +184,9 @@ def test_an_interrupted_a2c_run_resumes_to_the_same_end(tmp_path):
     import os
     import signal
 
-    from rims_rl.agents.training import ALGORITHMS, TrainingInterrupted, resume, train
     from stable_baselines3.common.callbacks import BaseCallback
 
+    from rims_rl.agents.training import ALGORITHMS, TrainingInterrupted, resume, train
     from rims_rl.config import CONFIG_DIR, resolve_config
 
     class InterruptAt(BaseCallback):
@@ -214,10 +215,11 @@ def test_an_interrupted_a2c_run_resumes_to_the_same_end(tmp_path):
 def test_compact_dict_minibatches_give_the_same_update_as_padded_ones(policy):
     """One PPO update with the compact dict buffer (grid and mission unpadded: the extractor runs on real samples
     only) equals the update with sb3-contrib's padded dict buffer."""
+    from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer
+
     from rims_rl.agents.buffers import CompactRecurrentDictRolloutBuffer
     from rims_rl.agents.ppo import RecurrentPPO
     from rims_rl.envs import make_env
-    from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer
 
     kwargs = dict(lstm_hidden_size=16) if "Lstm" in policy else dict(num_units=3, unit_size=8, k_active=2)
     params = []

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch as th
-from rims_rl.agents.training import prepare
-from rims_rl.envs.babyai import POOLS, ObjectPickingEnv, split_env_id, tokenize_mission
 
+from rims_rl.agents.training import prepare
 from rims_rl.config import CONFIG_DIR, resolve_config
+from rims_rl.envs.babyai import POOLS, ObjectPickingEnv, split_env_id, tokenize_mission
 
 TRAIN = split_env_id("train")
 

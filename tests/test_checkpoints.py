@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
+
 from rims_rl.agents.callbacks import TrainingDiverged
 from rims_rl.agents.checkpoints import (
     RunInUse,
@@ -20,10 +22,8 @@ from rims_rl.agents.checkpoints import (
 )
 from rims_rl.agents.ppo import RecurrentPPO
 from rims_rl.agents.training import ResumableCSVOutputFormat, build_model, train
-from rims_rl.envs import AtariSettings, make_env
-from stable_baselines3.common.callbacks import BaseCallback
-
 from rims_rl.config import CONFIG_DIR, resolve_config
+from rims_rl.envs import AtariSettings, make_env
 
 TINY = ["total_timesteps=1024", "n_envs=4", "ppo.n_steps=32", "ppo.batch_size=64", "ppo.n_epochs=2",
         "eval.episodes=2", "wandb.mode=disabled", "checkpoint.every_steps=256"]  # fmt: skip
@@ -151,8 +151,9 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_a_non_finite_loss_is_caught_before_the_next_checkpoint():
-    from rims_rl.agents.callbacks import RunCheckpointCallback
     from stable_baselines3.common.logger import Logger
+
+    from rims_rl.agents.callbacks import RunCheckpointCallback
 
     cfg = tiny_config()
     env = make_env(cfg.env, n_envs=2, seed=0)

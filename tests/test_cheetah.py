@@ -5,6 +5,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+
 import rims_rl.envs  # noqa: F401  (registers the ids)
 from rims_rl.envs.cheetah import (
     ACTUATED_JOINTS,

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from rims_rl.cli import main
 
 TINY = ["--total-timesteps", "256", "--n-envs", "2", "--no-progress", "--set", "ppo.n_steps=32",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from rims_rl.envs import FAMILIES
 
 from rims_rl.config import (
     CONFIG_DIR,
@@ -16,6 +15,7 @@ from rims_rl.config import (
     resolve_config,
     resolve_imitation_config,
 )
+from rims_rl.envs import FAMILIES
 
 CLASSIC = CONFIG_DIR / "classic.yaml"
 

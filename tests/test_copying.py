@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch as th
+
 from rims_rl.agents.copying import (
     BLANK,
     INDICATOR,
@@ -19,7 +20,6 @@ from rims_rl.agents.copying import (
     train_copying,
 )
 from rims_rl.cli import main
-
 from rims_rl.config import CopyingConfig, resolve_copying_config
 
 

@@ -6,6 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+
 from rims_rl.envs import FAMILIES, EfferenceCopy, UnknownEnvError, check_env_id, make_env
 from rims_rl.envs.classic import CLASSIC_IDS
 

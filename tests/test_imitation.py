@@ -9,8 +9,10 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
-import rims_rl.envs  # noqa: F401
 import torch as th
+from stable_baselines3 import SAC
+
+import rims_rl.envs  # noqa: F401
 from rims_rl.agents.experts import ExpertSettings, evaluate_expert, load_expert, train_expert
 from rims_rl.agents.imitation import (
     Demos,
@@ -23,10 +25,8 @@ from rims_rl.agents.imitation import (
 )
 from rims_rl.cli import main
 from rims_rl.cli.imitation import DEFAULT_EXPERT
-from rims_rl.envs.cheetah import make_pixel_cheetah
-from stable_baselines3 import SAC
-
 from rims_rl.config import ImitationConfig
+from rims_rl.envs.cheetah import make_pixel_cheetah
 
 TINY = {  # small enough for CI: a RIM of 8 units x 16 (4 active), a 32-unit GRU, narrow head
     "rim": {"num_units": 8, "unit_size": 16, "k_active": 4, "input_key_size": 16, "comm_key_size": 8,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from rims_rl.agents.training import train
 
+from rims_rl.agents.training import train
 from rims_rl.config import CONFIG_DIR, resolve_config
 
 SEED = 2

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import rims_rl.envs  # noqa: F401 - registers the NoVel ids
 import torch as th
 from gymnasium import spaces
-from rims_rl.agents.ppo import RecurrentPPO
 from sb3_contrib import RecurrentPPO as ContribRecurrentPPO
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.torch_layers import NatureCNN
 
+import rims_rl.envs  # noqa: F401 - registers the NoVel ids
 from rims_rl import RIM
+from rims_rl.agents.ppo import RecurrentPPO
 from rims_rl.extractors import NatureCNNGrid
 from rims_rl.policies import MlpLstmPolicy, RIMCnnPolicy, RIMMultiInputPolicy, RIMPolicy
 
@@ -181,3 +181,16 @@ def test_bad_policy_arguments_are_rejected():
         make_policy(shared_rim=True, enable_critic_rim=True)
     with pytest.raises(ValueError, match="pass num_units as policy arguments"):
         make_policy(rim_kwargs=dict(num_units=3))
+
+
+def test_policies_default_to_no_attention_dropout_so_the_first_ppo_ratio_is_one():
+    """The module keeps Table 3's 0.1; a policy defaults to 0, so its train-mode update re-computes the rollout's
+    log-probabilities exactly (a PPO ratio of 1 at the first epoch)."""
+    assert RIM(4).dropout == 0.1
+    model = RecurrentPPO(RIMPolicy, "CartPoleNoVel-v1", n_steps=16, batch_size=16, n_epochs=1, seed=0,
+                         policy_kwargs=dict(num_units=3, unit_size=8, k_active=2))  # fmt: skip
+    assert model.policy.rim_actor.dropout == 0.0
+    model.learn(16)
+    assert model.logger.name_to_value["train/clip_fraction"] == 0.0
+    assert RIMPolicy(model.observation_space, model.action_space, lambda _: 1e-3,
+                     rim_kwargs=dict(dropout=0.1)).rim_actor.dropout == 0.1  # fmt: skip

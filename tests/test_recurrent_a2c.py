@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import rims_rl.envs  # noqa: F401  (registers the ids)
 import torch as th
+from stable_baselines3.common.env_util import make_vec_env
+
+import rims_rl.envs  # noqa: F401  (registers the ids)
 from rims_rl.agents.buffers import CompactRecurrentRolloutBuffer, whole_rollout
 from rims_rl.agents.recurrent_a2c import RecurrentA2C, RMSpropBiasCorrected
 from rims_rl.agents.training import ALGORITHMS, train
-from stable_baselines3.common.env_util import make_vec_env
-
 from rims_rl.config import CONFIG_DIR, resolve_config
 
 ENT, VF = 0.01, 0.5

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from rims_rl.agents.reports import area_under_curve, bootstrap_band
 from rims_rl.agents.training import train
 from rims_rl.cli import main
-
 from rims_rl.config import CONFIG_DIR, resolve_config
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rims_rl.agents.training import resume, train
 
+from rims_rl.agents.training import resume, train
 from rims_rl.config import CONFIG_DIR, resolve_config
 
 # 16 updates of 256 steps, a checkpoint every 4 updates, an evaluation every 4 updates

@@ -7,9 +7,9 @@ import os
 import signal
 
 import pytest
-from rims_rl.agents.training import TrainingInterrupted, resume, train
 from stable_baselines3.common.callbacks import BaseCallback
 
+from rims_rl.agents.training import TrainingInterrupted, resume, train
 from rims_rl.config import CONFIG_DIR, resolve_config
 
 TINY = ["total_timesteps=256", "n_envs=2", "ppo.n_steps=32", "ppo.batch_size=64", "ppo.n_epochs=1",

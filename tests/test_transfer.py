@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch as th
 import yaml
+
 from rims_rl.agents.training import ConfigRejected, prepare
 from rims_rl.agents.transfer import HEAD_PREFIXES, transfer_score
 from rims_rl.cli import build_parser, main
-
 from rims_rl.config import CONFIG_DIR, resolve_config
 
 STEPS = np.array([0.0, 100.0, 200.0, 300.0])
@@ -214,7 +214,6 @@ def test_a_cells_runs_are_reused_when_finished_resumed_when_interrupted_and_neve
 
     from rims_rl.agents.training import TrainingInterrupted, train
     from rims_rl.agents.transfer_suite import TransferRejected, TransferSettings, ensure_run
-
     from tests.test_training import SignalAt, tiny_config
 
     cfg, run_dir = tiny_config(), tmp_path / "run"
