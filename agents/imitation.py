@@ -377,146 +377,162 @@ def train_imitation(
 ) -> dict[str, Any]:
     """Train (or, with ``resume``, continue) a pixel policy by behaviour cloning into ``run_dir``.
 
-    ``stop`` is an object with a ``requested`` attribute (``rims_rl.agents.callbacks.GracefulStop``); when it is set the
+    ``stop`` is an object with a ``requested`` attribute (``callbacks.GracefulStop``); when it is set the
     current epoch is abandoned and :class:`ImitationInterrupted` is raised (finished epochs are in the checkpoint).
     Returns the final summary (also in ``run.json``).
     """
     from rims_rl.agents.training import _write_json
-    from rims_rl.tracking import start_wandb
 
-    demos = load_demos(cfg.demos)
-    frame_stack = cfg.frame_stack
-    meta = {
-        "size": int(demos.meta.get("size", demos.frames.shape[1])),
-        "frame_stack": frame_stack,
-        "action_dim": int(demos.actions.shape[1]),
-        "camera": demos.meta.get("camera", "track"),
-    }
-    if demos.episodes - cfg.val_episodes < 1:
-        raise ValueError(
-            f"val_episodes={cfg.val_episodes} leaves no training episode in {cfg.demos} ({demos.episodes} episodes)"
-        )
-    device = _device(cfg.device)
-    th.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    policy = _policy_for(cfg, meta).to(device)
-    optimizer = th.optim.Adam(policy.parameters(), lr=cfg.learning_rate)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    epoch, history, run_info = 0, [], {}
-    if resume:
-        ckpt = th.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
-        policy.load_state_dict(ckpt["policy"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        epoch, history = ckpt["epoch"], ckpt["history"]
-        rng = np.random.default_rng()
-        rng.bit_generator.state = ckpt["numpy_rng"]
-        th.set_rng_state(ckpt["torch_rng"])
-        run_info = json.loads((run_dir / "run.json").read_text())
-    else:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    n_train = demos.episodes - cfg.val_episodes
-    train_b = _Batches(demos, np.arange(n_train), frame_stack, device)
-    val_b = _Batches(demos, np.arange(n_train, demos.episodes), frame_stack, device) if cfg.val_episodes else None
-    params = sum(p.numel() for p in policy.core.parameters())
-    run_info.update(
-        kind="imitation",
-        status="running",
-        policy=cfg.policy,
-        demos=str(cfg.demos),
-        meta=meta,
-        core_parameters=params,
-        parameters=sum(p.numel() for p in policy.parameters()),
-    )
-    _write_json(run_dir / "run.json", run_info)
-    tags = [cfg.policy, "imitation"] + ([f"k_active={cfg.rim.k_active}"] if cfg.policy == "rims" else [])
-    wandb_run = start_wandb(
-        cfg.wandb.mode,
-        run_dir,
-        cfg.model_dump(),
-        project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
-        group=cfg.wandb.group or "HalfCheetahPixels-imitation",
-        job_type=cfg.policy,
-        tags=tags + cfg.wandb.tags,
-        name=run_dir.name,
-        run_id=run_info.get("wandb_id"),
-    )
-    if wandb_run is not None:
-        run_info["wandb_id"] = wandb_run.id
-        _write_json(run_dir / "run.json", run_info)
-
-    def update(loss: th.Tensor) -> None:
-        if stop is not None and stop.requested:
-            raise StopIteration
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-
-    fields = ["epoch", "updates", "train_loss", "val_loss", "seqs_per_s", "steps_per_s", "seconds"]
+    session = _ImitationSession(cfg, run_dir, resume)
+    info, wandb_run = session.info, session.start_wandb()
     try:
-        while epoch < cfg.epochs:
-            order = rng.permutation(n_train)
-            start = time.perf_counter()
-            policy.train()
-            losses, weights, windows = [], [], 0
-            try:
-                for i in range(0, n_train, cfg.batch_size):
-                    eps = order[i : i + cfg.batch_size]
-                    loss, n = _sweep(policy, train_b, eps, cfg.seq_len, update)
-                    losses.append(loss)
-                    weights.append(int(train_b.lengths[eps].sum()))
-                    windows += n * len(eps)
-            except StopIteration:
-                raise ImitationInterrupted(run_dir, epoch, getattr(stop, "signal_name", "a signal")) from None
-            seconds = time.perf_counter() - start
-            val_loss = math.nan
-            if val_b is not None:
-                policy.eval()
-                with th.no_grad():
-                    val_loss, _ = _sweep(policy, val_b, np.arange(cfg.val_episodes), cfg.seq_len, None)
-            epoch += 1
-            row = {
-                "epoch": epoch,
-                "updates": (history[-1]["updates"] if history else 0) + windows // min(cfg.batch_size, n_train),
-                "train_loss": float(np.average(losses, weights=weights)),
-                "val_loss": float(val_loss),
-                "seqs_per_s": windows / seconds,
-                "steps_per_s": float(train_b.lengths.sum()) / seconds,
-                "seconds": seconds,
-            }
-            history.append(row)
-            th.save(
-                {
-                    "policy": policy.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    "numpy_rng": rng.bit_generator.state,
-                    "torch_rng": th.get_rng_state(),
-                },
-                run_dir / "checkpoint.tmp.pt",
-            )
-            (run_dir / "checkpoint.tmp.pt").replace(run_dir / "checkpoint.pt")
-            with open(run_dir / "progress.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(history)
+        while session.epoch < cfg.epochs:
+            row = session.train_epoch(stop)
+            session.save()
             if wandb_run is not None:
-                wandb_run.log({f"imitation/{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)
+                wandb_run.log({f"imitation/{k}": v for k, v in row.items() if k != "epoch"}, step=session.epoch)
             if on_epoch is not None:
                 on_epoch(row)
-        th.save({"policy": policy.state_dict(), "config": cfg.model_dump(), "meta": meta}, run_dir / "model.pt")
-        run_info.update(status="finished", epochs=epoch, final=history[-1] if history else {})
-        _write_json(run_dir / "run.json", run_info)
+        th.save({"policy": session.policy.state_dict(), "config": cfg.model_dump(), "meta": session.meta},
+                run_dir / "model.pt")  # fmt: skip
+        history = session.history
+        info.update(status="finished", epochs=session.epoch, final=history[-1] if history else {})
+        _write_json(run_dir / "run.json", info)
     except ImitationInterrupted:
-        run_info.update(status="interrupted", epochs=epoch)
-        _write_json(run_dir / "run.json", run_info)
+        info.update(status="interrupted", epochs=session.epoch)
+        _write_json(run_dir / "run.json", info)
         raise
     finally:
         if wandb_run is not None:
             wandb_run.finish()
-    return run_info
+    return info
+
+
+class _ImitationSession:
+    """The state of a behaviour-cloning run: demos split into training and validation episodes, the policy, its
+    optimiser, the epoch count, history and RNGs (restored from ``checkpoint.pt`` on resume)."""
+
+    FIELDS = ("epoch", "updates", "train_loss", "val_loss", "seqs_per_s", "steps_per_s", "seconds")
+
+    def __init__(self, cfg: ImitationConfig, run_dir: Path, resume: bool) -> None:
+        from rims_rl.agents.training import _write_json
+
+        self.cfg, self.run_dir = cfg, run_dir
+        demos = load_demos(cfg.demos)
+        self.meta = {
+            "size": int(demos.meta.get("size", demos.frames.shape[1])),
+            "frame_stack": cfg.frame_stack,
+            "action_dim": int(demos.actions.shape[1]),
+            "camera": demos.meta.get("camera", "track"),
+        }
+        self.n_train = demos.episodes - cfg.val_episodes
+        if self.n_train < 1:
+            raise ValueError(
+                f"val_episodes={cfg.val_episodes} leaves no training episode in {cfg.demos} ({demos.episodes} episodes)"
+            )
+        device = _device(cfg.device)
+        th.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.policy = _policy_for(cfg, self.meta).to(device)
+        self.optimizer = th.optim.Adam(self.policy.parameters(), lr=cfg.learning_rate)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.epoch, self.history, self.info = 0, [], {}
+        if resume:
+            self._load()
+        else:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        self.train_b = _Batches(demos, np.arange(self.n_train), cfg.frame_stack, device)
+        held_out = np.arange(self.n_train, demos.episodes)
+        self.val_b = _Batches(demos, held_out, cfg.frame_stack, device) if cfg.val_episodes else None
+        self.info.update(
+            kind="imitation", status="running", policy=cfg.policy, demos=str(cfg.demos), meta=self.meta,
+            core_parameters=sum(p.numel() for p in self.policy.core.parameters()),
+            parameters=sum(p.numel() for p in self.policy.parameters()),
+        )  # fmt: skip
+        _write_json(run_dir / "run.json", self.info)
+
+    def start_wandb(self) -> Any:
+        """The W&B run (continued on resume), its id kept in run.json."""
+        from rims_rl.agents.training import _write_json
+        from rims_rl.tracking import start_wandb
+
+        cfg = self.cfg
+        tags = [cfg.policy, "imitation"] + ([f"k_active={cfg.rim.k_active}"] if cfg.policy == "rims" else [])
+        wandb_run = start_wandb(
+            cfg.wandb.mode, self.run_dir, cfg.model_dump(), project=cfg.wandb.project, entity=cfg.wandb.entity,
+            group=cfg.wandb.group or "HalfCheetahPixels-imitation", job_type=cfg.policy, tags=tags + cfg.wandb.tags,
+            name=self.run_dir.name, run_id=self.info.get("wandb_id"),
+        )  # fmt: skip
+        if wandb_run is not None:
+            self.info["wandb_id"] = wandb_run.id
+            _write_json(self.run_dir / "run.json", self.info)
+        return wandb_run
+
+    def train_epoch(self, stop: Any | None) -> dict[str, Any]:
+        """One pass over the training episodes (in a random order, ``batch_size`` side by side), then the
+        validation loss; the epoch's row is appended to the history and returned."""
+        cfg, policy = self.cfg, self.policy
+
+        def update(loss: th.Tensor) -> None:
+            if stop is not None and stop.requested:
+                raise ImitationInterrupted(self.run_dir, self.epoch, getattr(stop, "signal_name", "a signal"))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+
+        order = self.rng.permutation(self.n_train)
+        start = time.perf_counter()
+        policy.train()
+        losses, weights, windows = [], [], 0
+        for i in range(0, self.n_train, cfg.batch_size):
+            eps = order[i : i + cfg.batch_size]
+            loss, n = _sweep(policy, self.train_b, eps, cfg.seq_len, update)
+            losses.append(loss)
+            weights.append(int(self.train_b.lengths[eps].sum()))
+            windows += n * len(eps)
+        seconds = time.perf_counter() - start
+        val_loss = math.nan
+        if self.val_b is not None:
+            policy.eval()
+            with th.no_grad():
+                val_loss, _ = _sweep(policy, self.val_b, np.arange(cfg.val_episodes), cfg.seq_len, None)
+        self.epoch += 1
+        updates = windows // min(cfg.batch_size, self.n_train)
+        row = {
+            "epoch": self.epoch,
+            "updates": (self.history[-1]["updates"] if self.history else 0) + updates,
+            "train_loss": float(np.average(losses, weights=weights)),
+            "val_loss": float(val_loss),
+            "seqs_per_s": windows / seconds,
+            "steps_per_s": float(self.train_b.lengths.sum()) / seconds,
+            "seconds": seconds,
+        }
+        self.history.append(row)
+        return row
+
+    def save(self) -> None:
+        """``checkpoint.pt`` (written whole or not at all) and ``progress.csv``, after every epoch."""
+        ckpt = {
+            "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+            "history": self.history, "numpy_rng": self.rng.bit_generator.state, "torch_rng": th.get_rng_state(),
+        }  # fmt: skip
+        th.save(ckpt, self.run_dir / "checkpoint.tmp.pt")
+        (self.run_dir / "checkpoint.tmp.pt").replace(self.run_dir / "checkpoint.pt")
+        with open(self.run_dir / "progress.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(self.history)
+
+    def _load(self) -> None:
+        ckpt = th.load(self.run_dir / "checkpoint.pt", map_location=next(self.policy.parameters()).device,
+                       weights_only=False)  # fmt: skip
+        self.policy.load_state_dict(ckpt["policy"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.epoch, self.history = ckpt["epoch"], ckpt["history"]
+        self.rng.bit_generator.state = ckpt["numpy_rng"]
+        th.set_rng_state(ckpt["torch_rng"])
+        self.info = json.loads((self.run_dir / "run.json").read_text())
 
 
 def load_imitation_run(run_dir: str | Path, device: str = "cpu") -> tuple[ImitationConfig, PixelPolicy]:

@@ -429,29 +429,7 @@ def resume(
     """
     run_dir = Path(run_dir)
     cfg, meta = load_run(run_dir)
-    if meta.get("status") == "finished":
-        raise RunRejected(f"run {run_dir} is finished ({meta.get('timesteps')} steps): nothing to resume")
-    try:
-        RunLock.check(run_dir)  # checked, not taken: a refused resume writes nothing
-    except RunInUse as err:
-        raise RunRejected(str(err)) from None
-    ckpt, skipped = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise RunRejected(f"{run_dir} has no whole checkpoint to resume from (start it again with --overwrite)")
-    try:
-        state = ckpt.load_state()
-    except Exception as err:
-        raise RunRejected(f"cannot read {ckpt.state_file}: {type(err).__name__}: {err}"[:300]) from None
-    try:  # the saved config through this version's schema: keys added since (with their defaults) are no edit
-        saved = TrainConfig.model_validate(state.get("config")).model_dump()
-    except ValidationError:
-        saved = state.get("config")
-    changed = _first_difference(cfg.model_dump(), saved)
-    if changed:
-        raise RunRejected(
-            f"{run_dir / 'config.yaml'} differs from the config its checkpoints were made with ({changed}): "
-            "put it back, or start a new run"
-        )
+    ckpt, state, skipped = _resumable_checkpoint(run_dir, cfg, meta)
     try:
         lock = RunLock(run_dir).acquire()
     except RunInUse as err:
@@ -497,6 +475,37 @@ def resume(
         lock.release()
 
 
+def _resumable_checkpoint(
+    run_dir: Path, cfg: TrainConfig, meta: dict[str, Any]
+) -> tuple[Checkpoint, dict[str, Any], list[tuple[Checkpoint, str]]]:
+    """The newest whole checkpoint of an unfinished run that no process holds, its state, and the damaged newer
+    ones skipped. :raises RunRejected: otherwise, or when config.yaml differs from the checkpoints' config."""
+    if meta.get("status") == "finished":
+        raise RunRejected(f"run {run_dir} is finished ({meta.get('timesteps')} steps): nothing to resume")
+    try:
+        RunLock.check(run_dir)  # checked, not taken: a refused resume writes nothing
+    except RunInUse as err:
+        raise RunRejected(str(err)) from None
+    ckpt, skipped = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise RunRejected(f"{run_dir} has no whole checkpoint to resume from (start it again with --overwrite)")
+    try:
+        state = ckpt.load_state()
+    except Exception as err:
+        raise RunRejected(f"cannot read {ckpt.state_file}: {type(err).__name__}: {err}"[:300]) from None
+    try:  # the saved config through this version's schema: keys added since (with their defaults) are no edit
+        saved = TrainConfig.model_validate(state.get("config")).model_dump()
+    except ValidationError:
+        saved = state.get("config")
+    changed = _first_difference(cfg.model_dump(), saved)
+    if changed:
+        raise RunRejected(
+            f"{run_dir / 'config.yaml'} differs from the config its checkpoints were made with ({changed}): "
+            "put it back, or start a new run"
+        )
+    return ckpt, state, skipped
+
+
 def _run(
     cfg: TrainConfig,
     run_dir: Path,
@@ -509,153 +518,199 @@ def _run(
     handle_signals: bool,
 ) -> TrainResult:
     """The training session shared by :func:`train` and :func:`resume` (``state``: the checkpoint's, or None)."""
-    resumed_from = state["timesteps"] if state is not None else None
-    wandb_id = (meta.get("wandb") or {}).get("id") if state is not None else None
-    wandb_run = start_wandb(
-        cfg.wandb.mode,
-        run_dir,
-        cfg.model_dump(),
-        project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
-        group=cfg.wandb.group or cfg.env,
-        job_type=cfg.policy,
-        tags=[
-            cfg.policy,
-            cfg.algo,
-            *cfg.ablations,
-            *([cfg.transfer.mode] if cfg.transfer.source else []),
-            *cfg.wandb.tags,
-        ],
-        name=run_dir.name,
-        run_id=wandb_id,
-    )
-    if wandb_run is not None:
-        meta["wandb"] = {"mode": cfg.wandb.mode, "id": wandb_run.id, "dir": str(Path(wandb_run.dir).parent)}
-    meta["status"] = "running"
-    _write_json(run_dir / "run.json", meta)
-    outputs = [ResumableCSVOutputFormat(run_dir / "progress.csv", keep_until=resumed_from)]
-    if wandb_run is not None:
-        outputs.append(WandbOutputFormat(wandb_run))
-    model.set_logger(Logger(str(run_dir), outputs))
+    return _Session(cfg, run_dir, env, model, meta, state).run(progress_bar, callbacks or [], handle_signals)
 
-    stop = GracefulStop()
-    cb: list[BaseCallback] = []
 
-    def save_checkpoint() -> Checkpoint:
-        logger = model.logger
-        ckpt_state = {
+class _Session:
+    """One training session in a run directory, read top to bottom in :meth:`run` as SB3's ``learn()``: logging,
+    callbacks, the state of a resumed run, learning, then the final model and its evaluation."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        env: VecEnv,
+        model: Algorithm,
+        meta: dict[str, Any],
+        state: dict[str, Any] | None,
+    ) -> None:
+        self.cfg, self.run_dir, self.env, self.model, self.meta, self.state = cfg, run_dir, env, model, meta, state
+        self.resumed_from: int | None = state["timesteps"] if state is not None else None
+        self.stop = GracefulStop()
+        self.callbacks: list[BaseCallback] = []
+        self.wandb_run: Any = None
+        self.eval_env: VecEnv | None = None
+        self.progress: ProgressBarCallback | None = None
+        self.checkpointer = RunCheckpointCallback(
+            self.save_checkpoint,
+            every_steps=cfg.checkpoint.every_steps,
+            every_minutes=cfg.checkpoint.every_minutes,
+            stop=self.stop,
+        )
+
+    def run(self, progress_bar: bool, callbacks: list[BaseCallback], handle_signals: bool) -> TrainResult:
+        self._start_logging()
+        self._build_callbacks(callbacks, progress_bar)
+        training_done = self._restore() if self.state is not None else False
+        installed = handle_signals and self.stop.install()
+        try:
+            seconds = self._learn(training_done)
+            result = self._save_and_evaluate()
+        finally:
+            if installed:
+                self.stop.uninstall()
+        return self._finish(result, seconds)
+
+    # ---- setup ---------------------------------------------------------------------------------------------------
+    def _start_logging(self) -> None:
+        """The W&B run (continued on resume) and the logger: progress.csv (cut back to a resumed step), W&B."""
+        cfg, meta = self.cfg, self.meta
+        wandb_id = (meta.get("wandb") or {}).get("id") if self.state is not None else None
+        tags = [cfg.policy, cfg.algo, *cfg.ablations, *([cfg.transfer.mode] if cfg.transfer.source else [])]
+        self.wandb_run = start_wandb(
+            cfg.wandb.mode, self.run_dir, cfg.model_dump(), project=cfg.wandb.project, entity=cfg.wandb.entity,
+            group=cfg.wandb.group or cfg.env, job_type=cfg.policy, tags=[*tags, *cfg.wandb.tags],
+            name=self.run_dir.name, run_id=wandb_id,
+        )  # fmt: skip
+        if self.wandb_run is not None:
+            meta["wandb"] = {
+                "mode": cfg.wandb.mode,
+                "id": self.wandb_run.id,
+                "dir": str(Path(self.wandb_run.dir).parent),
+            }
+        meta["status"] = "running"
+        _write_json(self.run_dir / "run.json", meta)
+        outputs = [ResumableCSVOutputFormat(self.run_dir / "progress.csv", keep_until=self.resumed_from)]
+        if self.wandb_run is not None:
+            outputs.append(WandbOutputFormat(self.wandb_run))
+        self.model.set_logger(Logger(str(self.run_dir), outputs))
+
+    def _build_callbacks(self, extra: list[BaseCallback], progress_bar: bool) -> None:
+        """Checkpoints, activation recording (before evaluation, which runs the policy on other envs), periodic
+        evaluation, the caller's callbacks, the progress bar; in this order (a checkpoint keeps their states)."""
+        cfg = self.cfg
+        self.callbacks.append(self.checkpointer)
+        if cfg.policy == "rims" and cfg.activations.record:
+            self.callbacks.append(
+                RIMActivationCallback(
+                    heatmap_every=cfg.activations.heatmap_every if self.wandb_run is not None else 0,
+                    heatmap_env=cfg.activations.heatmap_env,
+                    save_every=cfg.activations.save_every,
+                    save_dir=self.run_dir / ACTIVATIONS_DIR,
+                    keep_until=self.resumed_from,
+                )
+            )
+        if cfg.eval.freq > 0:
+            self.callbacks.append(self._eval_callback())
+        self.callbacks += extra
+        if progress_bar:
+            self.progress = ProgressBarCallback()
+            self.callbacks.append(self.progress)
+
+    def _eval_callback(self) -> SeededEvalCallback:
+        """Periodic evaluation on env seeds disjoint from training, stopping at ``eval.stop_at`` if set."""
+        cfg = self.cfg
+        eval_seed = cfg.seed + EVAL_SEED_OFFSET
+        eval_env = make_env(
+            cfg.env, n_envs=min(cfg.eval.episodes, EVAL_N_ENVS), seed=eval_seed, efference_copy=cfg.efference_copy,
+            atari=atari_settings(cfg).full_games(),
+        )  # fmt: skip
+        if cfg.normalize_reward:  # EvalCallback syncs statistics between identically wrapped envs
+            eval_env = VecNormalize(eval_env, norm_obs=False, norm_reward=False, training=False)
+        self.eval_env = eval_env
+        threshold = cfg.eval.stop_at
+        return SeededEvalCallback(
+            eval_env, seed=eval_seed, stop=self.stop, n_eval_episodes=cfg.eval.episodes,
+            eval_freq=max(cfg.eval.freq // cfg.n_envs, 1), deterministic=cfg.eval.deterministic,
+            log_path=str(self.run_dir), warn=False, verbose=0,
+            callback_on_new_best=StopTrainingOnRewardThreshold(threshold) if threshold is not None else None,
+        )  # fmt: skip
+
+    def _restore(self) -> bool:
+        """A resumed run's callbacks, pending log values, checkpoint bookkeeping and RNGs; whether it had finished
+        learning (and stopped before its final evaluation)."""
+        state = self.state
+        assert state is not None and self.resumed_from is not None
+        for callback, saved in zip(self.callbacks, state["callbacks"], strict=False):
+            if saved is not None and hasattr(callback, "load_state_dict"):
+                callback.load_state_dict(saved)
+        for name in ("name_to_value", "name_to_count", "name_to_excluded"):
+            getattr(self.model.logger, name).update(state["logger"][name])
+        self.checkpointer.training_done = state["training_done"]
+        steps = self.resumed_from
+        self.checkpointer.last_checkpoint = Checkpoint(self.run_dir / "checkpoints" / f"ckpt_{steps}_steps", steps)
+        restore_rng(state["rng"])  # last: nothing between here and the first rollout draws from the RNGs
+        return bool(state["training_done"])
+
+    def save_checkpoint(self) -> Checkpoint:
+        """Everything a resume needs (``agents/checkpoints.py``), and run.json pointing at it."""
+        model, logger = self.model, self.model.logger
+        state = {
             "timesteps": model.num_timesteps,
-            "training_done": checkpointer.training_done,
-            "config": cfg.model_dump(),
+            "training_done": self.checkpointer.training_done,
+            "config": self.cfg.model_dump(),
             "rng": capture_rng(),
-            "env": capture_env(env),
+            "env": capture_env(self.env),
             "logger": {
                 "name_to_value": dict(logger.name_to_value),
                 "name_to_count": dict(logger.name_to_count),
                 "name_to_excluded": dict(logger.name_to_excluded),
             },
-            "callbacks": [c.state_dict() if hasattr(c, "state_dict") else None for c in cb],
-            "wandb_id": wandb_run.id if wandb_run is not None else None,
+            "callbacks": [c.state_dict() if hasattr(c, "state_dict") else None for c in self.callbacks],
+            "wandb_id": self.wandb_run.id if self.wandb_run is not None else None,
         }
-        ckpt = write_checkpoint(run_dir, model, ckpt_state, keep=cfg.checkpoint.keep, version=__version__)
-        meta.update(timesteps=model.num_timesteps, checkpoint=ckpt.path.name)
-        _write_json(run_dir / "run.json", meta)
+        ckpt = write_checkpoint(self.run_dir, model, state, keep=self.cfg.checkpoint.keep, version=__version__)
+        self.meta.update(timesteps=model.num_timesteps, checkpoint=ckpt.path.name)
+        _write_json(self.run_dir / "run.json", self.meta)
         return ckpt
 
-    checkpointer = RunCheckpointCallback(
-        save_checkpoint,
-        every_steps=cfg.checkpoint.every_steps,
-        every_minutes=cfg.checkpoint.every_minutes,
-        stop=stop,
-    )
-    cb.append(checkpointer)
-    if cfg.policy == "rims" and cfg.activations.record:  # before evaluation, which runs the policy on other envs
-        cb.append(
-            RIMActivationCallback(
-                heatmap_every=cfg.activations.heatmap_every if wandb_run is not None else 0,
-                heatmap_env=cfg.activations.heatmap_env,
-                save_every=cfg.activations.save_every,
-                save_dir=run_dir / ACTIVATIONS_DIR,
-                keep_until=resumed_from,
-            )
-        )
-    eval_env = None
-    if cfg.eval.freq > 0:
-        eval_seed = cfg.seed + EVAL_SEED_OFFSET
-        eval_env = make_env(
-            cfg.env,
-            n_envs=min(cfg.eval.episodes, EVAL_N_ENVS),
-            seed=eval_seed,
-            efference_copy=cfg.efference_copy,
-            atari=atari_settings(cfg).full_games(),
-        )
-        if cfg.normalize_reward:  # EvalCallback syncs statistics between identically wrapped envs
-            eval_env = VecNormalize(eval_env, norm_obs=False, norm_reward=False, training=False)
-        threshold = cfg.eval.stop_at
-        cb.append(
-            SeededEvalCallback(
-                eval_env,
-                seed=eval_seed,
-                stop=stop,
-                n_eval_episodes=cfg.eval.episodes,
-                eval_freq=max(cfg.eval.freq // cfg.n_envs, 1),
-                deterministic=cfg.eval.deterministic,
-                log_path=str(run_dir),
-                callback_on_new_best=StopTrainingOnRewardThreshold(threshold) if threshold is not None else None,
-                warn=False,
-                verbose=0,
-            )
-        )
-    cb += callbacks or []
-    progress = ProgressBarCallback() if progress_bar else None
-    if progress is not None:
-        cb.append(progress)
+    # ---- learning ------------------------------------------------------------------------------------------------
+    def _learn(self, training_done: bool) -> float:
+        """``model.learn`` for the steps left; returns its seconds. A signal ends it with a checkpoint
+        (:class:`TrainingInterrupted`), a crash or a divergence with the run directory saying so."""
+        model, stop = self.model, self.stop
+        start = time.perf_counter()
+        try:
+            remaining = self.cfg.total_timesteps - model.num_timesteps
+            if not training_done and remaining > 0:
+                model.log_every = log_interval(self.cfg)
+                model.learn(
+                    remaining, callback=CallbackList(self.callbacks), reset_num_timesteps=self.state is None,
+                    log_interval=1,
+                )  # fmt: skip
+            if stop.requested:  # the signal came during the last update: the final checkpoint is written
+                raise self._stopped(self.checkpointer.last_checkpoint)
+            stop.immediate = True  # from here on nothing is left to checkpoint: a signal stops at once
+        except StopForCheckpoint:
+            raise self._stopped(self.checkpointer.last_checkpoint) from None
+        except KeyboardInterrupt:  # a second signal, or Ctrl-C without our handler
+            raise self._stopped(None) from None
+        except TrainingInterrupted:
+            raise
+        except BaseException as err:
+            raise self._failed(err) from None
+        finally:
+            self.env.close()
+            if self.eval_env is not None:
+                self.eval_env.close()
+        return time.perf_counter() - start
 
-    training_done = False
-    if state is not None:
-        for callback, saved in zip(cb, state["callbacks"], strict=False):
-            if saved is not None and hasattr(callback, "load_state_dict"):
-                callback.load_state_dict(saved)
-        for name in ("name_to_value", "name_to_count", "name_to_excluded"):
-            getattr(model.logger, name).update(state["logger"][name])
-        training_done = state["training_done"]
-        checkpointer.training_done = training_done
-        checkpointer.last_checkpoint = Checkpoint(run_dir / "checkpoints" / f"ckpt_{resumed_from}_steps", resumed_from)
-        restore_rng(state["rng"])  # last: nothing between here and the first rollout draws from the RNGs
-
-    def finish_wandb(code: int) -> None:
-        if wandb_run is not None:
-            wandb_run.finish(exit_code=code)
-
-    def stopped(checkpoint: Checkpoint | None) -> TrainingInterrupted:
-        if progress is not None and getattr(progress, "pbar", None) is not None:
-            progress.pbar.close()
+    def _stopped(self, checkpoint: Checkpoint | None) -> TrainingInterrupted:
+        """The run marked interrupted (at ``checkpoint``, else the newest whole one), the W&B run closed."""
+        if self.progress is not None and getattr(self.progress, "pbar", None) is not None:
+            self.progress.pbar.close()
         if checkpoint is None:
-            checkpoint = latest_checkpoint(run_dir)[0]
-        meta.update(status="interrupted", timesteps=checkpoint.timesteps if checkpoint else 0)
-        _write_json(run_dir / "run.json", meta)
-        finish_wandb(128 + (stop.signum or 2))
+            checkpoint = latest_checkpoint(self.run_dir)[0]
         steps = checkpoint.timesteps if checkpoint else 0
-        return TrainingInterrupted(run_dir, checkpoint.path if checkpoint else None, steps, stop.signal_name)
+        self.meta.update(status="interrupted", timesteps=steps)
+        _write_json(self.run_dir / "run.json", self.meta)
+        self._finish_wandb(128 + (self.stop.signum or 2))
+        return TrainingInterrupted(self.run_dir, checkpoint.path if checkpoint else None, steps, self.stop.signal_name)
 
-    installed = handle_signals and stop.install()
-    start = time.perf_counter()
-    try:
-        remaining = cfg.total_timesteps - model.num_timesteps
-        if not training_done and remaining > 0:
-            model.log_every = log_interval(cfg)
-            model.learn(remaining, callback=CallbackList(cb), reset_num_timesteps=state is None, log_interval=1)
-        if stop.requested:  # the signal came during the last update: the final checkpoint is written
-            raise stopped(checkpointer.last_checkpoint)
-        stop.immediate = True  # from here on nothing is left to checkpoint: a signal stops at once
-    except StopForCheckpoint:
-        raise stopped(checkpointer.last_checkpoint) from None
-    except KeyboardInterrupt:  # a second signal, or Ctrl-C without our handler
-        raise stopped(None) from None
-    except TrainingInterrupted:
-        raise
-    except BaseException as err:  # a crash or divergence: the run directory says so, and the W&B run is closed
-        # NaN weights or outputs make torch.distributions refuse a minibatch or a rollout step: divergence too
+    def _failed(self, err: BaseException) -> BaseException:
+        """A crash or a divergence: the run directory says so and the W&B run is closed. NaN weights or outputs
+        make torch.distributions refuse a minibatch or a rollout step, which is a divergence too."""
+        model = self.model
         diverged = None
         if not isinstance(err, TrainingDiverged) and isinstance(err, Exception):
             bad = nonfinite_parameter(model.policy)
@@ -664,38 +719,39 @@ def _run(
             elif is_divergence_error(err):
                 diverged = TrainingDiverged(model.num_timesteps, "the policy's output")
         shown = diverged or err
-        meta.update(status="failed", error=f"{type(shown).__name__}: {shown}"[:500], failed_at=model.num_timesteps)
-        _write_json(run_dir / "run.json", meta)
-        finish_wandb(1)
-        if diverged is not None:
-            raise diverged from None
-        raise
-    finally:
-        env.close()
-        if eval_env is not None:
-            eval_env.close()
-        if installed and not stop.immediate:
-            stop.uninstall()
-    seconds = time.perf_counter() - start
+        self.meta.update(status="failed", error=f"{type(shown).__name__}: {shown}"[:500], failed_at=model.num_timesteps)
+        _write_json(self.run_dir / "run.json", self.meta)
+        self._finish_wandb(1)
+        return shown
 
-    try:
-        tmp = run_dir / "model.tmp.zip"
-        model.save(tmp)
-        tmp.replace(run_dir / "model.zip")
-        result = evaluate(
-            model, cfg.env, episodes=cfg.eval.episodes, deterministic=cfg.eval.deterministic,
-            seed=cfg.seed + EVAL_SEED_OFFSET, efference_copy=cfg.efference_copy, atari=atari_settings(cfg),
-        )  # fmt: skip
-    except KeyboardInterrupt:
-        raise stopped(checkpointer.last_checkpoint) from None
-    finally:
-        if installed:
-            stop.uninstall()
-    _write_json(run_dir / "eval.json", result.to_dict())
-    meta.update(status="finished", timesteps=model.num_timesteps)
-    meta["seconds"] = round(meta.get("seconds", 0.0) + seconds, 2)
-    _write_json(run_dir / "run.json", meta)
-    if wandb_run is not None:
-        wandb_run.summary.update({"eval/mean_return": result.mean_return, "eval/std_return": result.std_return})
-        wandb_run.finish()
-    return TrainResult(run_dir, model.num_timesteps, seconds, result, resumed_from)
+    # ---- the end -------------------------------------------------------------------------------------------------
+    def _save_and_evaluate(self) -> EvalResult:
+        """``model.zip`` (written whole or not at all) and the final evaluation (a signal here stops at once)."""
+        cfg, model = self.cfg, self.model
+        try:
+            tmp = self.run_dir / "model.tmp.zip"
+            model.save(tmp)
+            tmp.replace(self.run_dir / "model.zip")
+            return evaluate(
+                model, cfg.env, episodes=cfg.eval.episodes, deterministic=cfg.eval.deterministic,
+                seed=cfg.seed + EVAL_SEED_OFFSET, efference_copy=cfg.efference_copy, atari=atari_settings(cfg),
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            raise self._stopped(self.checkpointer.last_checkpoint) from None
+
+    def _finish(self, result: EvalResult, seconds: float) -> TrainResult:
+        _write_json(self.run_dir / "eval.json", result.to_dict())
+        meta = self.meta
+        meta.update(status="finished", timesteps=self.model.num_timesteps)
+        meta["seconds"] = round(meta.get("seconds", 0.0) + seconds, 2)
+        _write_json(self.run_dir / "run.json", meta)
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(
+                {"eval/mean_return": result.mean_return, "eval/std_return": result.std_return}
+            )
+            self.wandb_run.finish()
+        return TrainResult(self.run_dir, self.model.num_timesteps, seconds, result, self.resumed_from)
+
+    def _finish_wandb(self, code: int) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=code)

@@ -11,18 +11,8 @@ from rims_rl.cli.common import UsageError, check_device, load_run, signal_exit_c
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from rims_rl.agents.transfer_suite import (
-        DEFAULT_BUDGET,
-        PRESETS,
-        PROTOCOLS,
-        Budget,
-        TransferRejected,
-        TransferSettings,
-        game_id,
-        game_name,
-        run_cell,
-        run_protocol,
-    )  # fmt: skip
+    from rims_rl.agents.training import ConfigRejected, TrainingDiverged, TrainingInterrupted
+    from rims_rl.agents.transfer_suite import TransferRejected, game_id
 
     if args.protocol is None and (args.source is None or args.target is None):
         raise UsageError("give --source GAME and --target GAME for one cell, or --protocol rusu2016 for the matrix")
@@ -30,6 +20,27 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         raise UsageError("--sources/--targets choose games of a --protocol; for one cell give --source and --target")
     if args.protocol is not None and (args.source or args.target):
         raise UsageError("--protocol runs its own sources and targets: drop --source/--target (or use --sources ...)")
+    settings = _settings(args)
+    try:
+        settings.config(game_id("Pong"), settings.budget.seeds[0], settings.budget.total_timesteps)  # a bad --set
+        if args.protocol is not None:
+            return _protocol(args, settings)
+        return _cell(args, settings)
+    except (TransferRejected, ConfigRejected) as err:
+        raise UsageError(str(err)) from None
+    except TrainingDiverged as err:
+        raise UsageError(f"{err} (its run directory keeps the last good checkpoint; try a lower --set "
+                         "ppo.learning_rate=...)") from None  # fmt: skip
+    except TrainingInterrupted as stop:
+        print(f"rims-rl: {stop}; run the same command again to continue (finished runs and cells are skipped)",
+              file=sys.stderr)  # fmt: skip
+        return signal_exit_code(stop.signal_name)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    """The budget (a preset, overridden by the flags given) and the settings of every run, checked."""
+    from rims_rl.agents.transfer_suite import DEFAULT_BUDGET, PRESETS, Budget, TransferSettings
+
     preset = PRESETS[args.preset] if args.preset else DEFAULT_BUDGET
     total = args.total_timesteps if args.total_timesteps is not None else preset.total_timesteps
     source_steps = args.source_timesteps if args.source_timesteps is not None else (
@@ -46,54 +57,51 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     if args.device is not None:
         check_device(args.device)
     budget = Budget(total, source_steps, seeds, (*preset.overrides, *(args.set or ())))
-    settings = TransferSettings(
+    return TransferSettings(
         root=Path(args.out), policy=args.policy, mode=args.mode, budget=budget, device=args.device,
         wandb_mode=args.wandb, baseline=args.baseline, random_episodes=args.random_episodes,
         progress_bar=not args.no_progress,
     )  # fmt: skip
-    from rims_rl.agents.training import ConfigRejected, TrainingDiverged, TrainingInterrupted
 
-    try:
-        settings.config(game_id("Pong"), seeds[0], total)  # a bad --set fails here, before anything runs
-        if args.protocol is not None:
-            sources, targets = PROTOCOLS[args.protocol]
-            sources = [game_id(g) for g in (args.sources or sources)]
-            targets = [game_id(g) for g in (args.targets or targets)]
-            seed_list = " ".join(map(str, seeds))
-            print(f"transfer protocol {args.protocol} ({args.policy}, {args.mode}): {len(sources)} sources x "
-                  f"{len(targets)} targets, {total} steps per run, seeds {seed_list} -> {args.out}")  # fmt: skip
-            _, _, files = run_protocol(settings, sources, targets)
-            print(Path(settings.root / args.policy / args.mode / "matrix.md").read_text(), end="")
-            print(Path(settings.root / f"summary_{args.mode}.md").read_text(), end="")
-            print("wrote " + ", ".join(map(str, files)))
-            return 0
-        source_run = None
-        source_path = Path(args.source)
-        if source_path.is_dir() or source_path.suffix == ".zip":
-            if not source_path.exists():
-                raise UsageError(f"--source {source_path} does not exist")
-            cfg_src, _ = load_run(source_path if source_path.is_dir() else source_path.parent)
-            if cfg_src.policy != args.policy:
-                raise UsageError(
-                    f"--source {source_path} trained a {cfg_src.policy} policy, not --policy {args.policy}"
-                )
-            source_run, source = source_path, game_id(cfg_src.env)
-        else:
-            source = game_id(args.source)
-        target = game_id(args.target)
-        if game_name(source) == game_name(target):
-            raise UsageError(f"--source and --target are the same game ({game_name(source)})")
-        run_cell(settings, source, target, source_run=source_run)
-        return 0
-    except (TransferRejected, ConfigRejected) as err:
-        raise UsageError(str(err)) from None
-    except TrainingDiverged as err:
-        raise UsageError(f"{err} (its run directory keeps the last good checkpoint; try a lower --set "
-                         "ppo.learning_rate=...)") from None  # fmt: skip
-    except TrainingInterrupted as stop:
-        print(f"rims-rl: {stop}; run the same command again to continue (finished runs and cells are skipped)",
-              file=sys.stderr)  # fmt: skip
-        return signal_exit_code(stop.signal_name)
+
+def _protocol(args: argparse.Namespace, settings: Any) -> int:
+    """Every source x target cell of the protocol, then the matrix and the summary."""
+    from rims_rl.agents.transfer_suite import PROTOCOLS, game_id, run_protocol
+
+    sources, targets = PROTOCOLS[args.protocol]
+    sources = [game_id(g) for g in (args.sources or sources)]
+    targets = [game_id(g) for g in (args.targets or targets)]
+    budget = settings.budget
+    print(f"transfer protocol {args.protocol} ({args.policy}, {args.mode}): {len(sources)} sources x "
+          f"{len(targets)} targets, {budget.total_timesteps} steps per run, seeds "
+          f"{' '.join(map(str, budget.seeds))} -> {args.out}")  # fmt: skip
+    _, _, files = run_protocol(settings, sources, targets)
+    print(Path(settings.root / args.policy / args.mode / "matrix.md").read_text(), end="")
+    print(Path(settings.root / f"summary_{args.mode}.md").read_text(), end="")
+    print("wrote " + ", ".join(map(str, files)))
+    return 0
+
+
+def _cell(args: argparse.Namespace, settings: Any) -> int:
+    """One cell: the source is a game (trained here) or a trained run of the same policy."""
+    from rims_rl.agents.transfer_suite import game_id, game_name, run_cell
+
+    source_run = None
+    source_path = Path(args.source)
+    if source_path.is_dir() or source_path.suffix == ".zip":
+        if not source_path.exists():
+            raise UsageError(f"--source {source_path} does not exist")
+        cfg_src, _ = load_run(source_path if source_path.is_dir() else source_path.parent)
+        if cfg_src.policy != args.policy:
+            raise UsageError(f"--source {source_path} trained a {cfg_src.policy} policy, not --policy {args.policy}")
+        source_run, source = source_path, game_id(cfg_src.env)
+    else:
+        source = game_id(args.source)
+    target = game_id(args.target)
+    if game_name(source) == game_name(target):
+        raise UsageError(f"--source and --target are the same game ({game_name(source)})")
+    run_cell(settings, source, target, source_run=source_run)
+    return 0
 
 
 def add_parser(sub: Any) -> None:

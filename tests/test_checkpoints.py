@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import numpy as np
 import pytest
@@ -122,6 +123,33 @@ def test_same_seed_same_metrics_and_evaluation_does_not_change_training(tmp_path
     assert with_eval == metrics(tmp_path / "a", prefix="train/")  # evaluations draw from a fork of the RNGs
     rows = metrics(tmp_path / "c")
     assert [r["eval/mean_reward"] != "" for r in rows] == [int(r["time/total_timesteps"]) % 256 == 0 for r in rows]
+
+
+class SlowRollouts(BaseCallback):
+    """Makes wall time pass between rollouts (as a loaded machine does): ``every_minutes`` checkpoints fall due."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        time.sleep(self.seconds)
+
+
+@pytest.mark.parametrize("policy", ["rims", "lstm"])
+def test_checkpoints_at_any_moment_leave_the_metrics_unchanged(policy, tmp_path):
+    """Training depends on the seed, not on wall time: a run that checkpoints by the clock after every rollout (the
+    machine made slow), one that checkpoints every 192 steps, and one that never does log the same metrics."""
+    p, no_steps = f"policy={policy}", "checkpoint.every_steps=0"
+    train(tiny_config(p, no_steps, "checkpoint.every_minutes=0"), tmp_path / "never")
+    clock = tiny_config(p, no_steps, "checkpoint.every_minutes=0.0001", "checkpoint.keep=100")
+    train(clock, tmp_path / "clock", callbacks=[SlowRollouts(0.01)])
+    train(tiny_config(p, "checkpoint.every_steps=192"), tmp_path / "steps")
+    assert len(list((tmp_path / "clock" / "checkpoints").iterdir())) == 1024 // 128  # one per rollout
+    assert metrics(tmp_path / "clock") == metrics(tmp_path / "never") == metrics(tmp_path / "steps")
 
 
 class BlowUpAfter(BaseCallback):
