@@ -41,7 +41,9 @@ def probe(**env: str) -> tuple[bool, int]:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
 def test_keep_freed_memory_spares_a_rim_update_its_page_faults_and_can_be_switched_off():
     kept, faults = probe()
-    as_is, default_faults = probe(RIMS_RL_MALLOC="default")
+    as_is, _ = probe(RIMS_RL_MALLOC="default")
     assert kept and not as_is
-    assert default_faults > 2000  # glibc's defaults: buffers unmapped when freed, faulted in again
-    assert faults < default_faults / 4
+    # An update allocates ~30 MB (~7500 pages). Kept, they are faulted in once (measured 70-600 faults per update
+    # after warm-up); glibc's defaults measured 10-12k on one machine but 800 on another (its mmap threshold adapts
+    # at run time), so the defaults are not compared against, only the bound the setting promises.
+    assert faults < 1500
