@@ -123,7 +123,7 @@ def matrix(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("transfer")
     for policy in ("rims", "lstm"):
         argv = ["transfer", "--protocol", "rusu2016", "--policy", policy, "--sources", "Pong", "--targets", "Alien",
-                "Asterix", "--preset", "smoke", "--random-episodes", "4", "--out", str(root), "--wandb", "disabled",
+                "--preset", "smoke", "--random-episodes", "2", "--out", str(root), "--wandb", "disabled",
                 "--no-progress"]  # fmt: skip
         assert main(argv) == 0
     return root
@@ -133,16 +133,13 @@ def test_protocol_writes_the_matrix_table_png_and_counts_per_policy(matrix):
     for policy in ("rims", "lstm"):
         out = matrix / policy / "finetune-all"
         rows = (out / "matrix.csv").read_text().splitlines()
-        assert rows[0] == "target,Pong,mean_over_sources" and [r.split(",")[0] for r in rows[1:]] == [
-            "Alien",
-            "Asterix",
-        ]
+        assert rows[0] == "target,Pong,mean_over_sources" and [r.split(",")[0] for r in rows[1:]] == ["Alien"]
         assert "| Alien |" in (out / "matrix.md").read_text()
         assert (out / "matrix.png").read_bytes()[:4] == b"\x89PNG"
         counts = json.loads((out / "counts.json").read_text())
-        assert counts["targets"]["total"] == 2 and sum(counts["targets"][k] for k in ("positive", "negative",
-                                                                                       "undefined")) == 2  # fmt: skip
-        for target in ("Alien", "Asterix"):
+        assert counts["targets"]["total"] == 1 and sum(counts["targets"][k] for k in ("positive", "negative",
+                                                                                       "undefined")) == 1  # fmt: skip
+        for target in ("Alien",):
             cell = json.loads((out / f"Pong-to-{target}" / "cell.json").read_text())
             assert cell["seeds"] == [0] and cell["policy"] == policy
             ft = yaml.safe_load((out / f"Pong-to-{target}" / "s0" / "config.yaml").read_text())
@@ -155,21 +152,18 @@ def test_protocol_writes_the_matrix_table_png_and_counts_per_policy(matrix):
                 assert cell["scores"][0] == pytest.approx(expected)
     summary = (matrix / "summary_finetune-all.md").read_text()
     assert "| rims |" in summary and "| lstm |" in summary
-    assert set(json.loads((matrix / "random_scores.json").read_text())) == {
-        "AlienNoFrameskip-v4",
-        "AsterixNoFrameskip-v4",
-    }
+    assert set(json.loads((matrix / "random_scores.json").read_text())) == {"AlienNoFrameskip-v4"}
 
 
 def test_running_the_protocol_again_skips_finished_cells(matrix, capsys):
     runs = sorted(matrix.glob("rims/**/run.json"))
     stamps = [p.stat().st_mtime_ns for p in runs]
     argv = ["transfer", "--protocol", "rusu2016", "--policy", "rims", "--sources", "Pong", "--targets", "Alien",
-            "Asterix", "--preset", "smoke", "--random-episodes", "4", "--out", str(matrix),
+            "--preset", "smoke", "--random-episodes", "2", "--out", str(matrix),
             "--wandb", "disabled"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("skipped (finished)") == 2 and "trained" not in printed
+    assert printed.count("skipped (finished)") == 1 and "trained" not in printed
     assert [p.stat().st_mtime_ns for p in runs] == stamps
 
 
