@@ -92,8 +92,11 @@ class GridMissionExtractor(BaseFeaturesExtractor):
       by the mission with FiLM (Perez et al., 2018; BabyAI's models condition on the mission the same way):
       ``relu(conv(x) * (1 + gamma(m)) + beta(m))``.
     - *mission*: word embeddings, a GRU, its state after the last real word: ``m``.
-    - ``input_set="vector"``: the ``H * W`` cells flattened, concatenated with ``m``, and one linear layer with ReLU
-      to ``features_dim`` (the paper's one-layer encoder, App. C.8); one element.
+    - ``input_set="vector"``: the ``H * W`` cells flattened, concatenated with ``m``, and one linear layer to
+      ``features_dim`` (the paper's one-layer encoder, App. C.8), layer-normalised, then ReLU; one element. The layer
+      norm bounds what the recurrent core reads: without it, RecurrentPPO grew the features ~20x within 100 updates
+      on object picking, 97% of the RIM's gate pre-activations went beyond +-3 (saturated), the gradients into the
+      core and the encoder vanished, and RIM-PPO stayed at chance; with it both cores learn (README, BabyAI).
     - ``input_set="grid"``: a set of ``H * W`` elements, one per cell: its ``channels`` features (which carry the
       mission through FiLM) and its coordinates ``(row, col)`` in ``[-1, 1]``.
 
@@ -149,7 +152,8 @@ class GridMissionExtractor(BaseFeaturesExtractor):
             self.register_buffer("coords", th.stack([rows, cols], dim=-1).reshape(1, cells, 2))
             self.head = None
         else:
-            self.head = nn.Sequential(nn.Linear(cells * channels + mission_dim, features_dim), nn.ReLU())
+            linear = nn.Linear(cells * channels + mission_dim, features_dim)
+            self.head = nn.Sequential(linear, nn.LayerNorm(features_dim), nn.ReLU())
 
     def encode_mission(self, words: th.Tensor) -> th.Tensor:
         """``(B, L)`` word ids -> ``(B, mission_dim)``: the GRU's output after the last non-padding word."""

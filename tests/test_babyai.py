@@ -195,7 +195,7 @@ def test_an_interrupted_a2c_run_resumes_to_the_same_end(tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)
             return True
 
-    flags = {"policy": "lstm", "seed": 1, "wandb.mode": "disabled", "total_timesteps": 1024, "n_envs": 4,
+    flags = {"policy": "lstm", "algo": "a2c", "seed": 1, "wandb.mode": "disabled", "total_timesteps": 1024, "n_envs": 4,
              "a2c.n_steps": 8, "eval.freq": 0, "eval.episodes": 2}  # fmt: skip
     cfg = resolve_config(split_env_id("train"), CONFIG_DIR / "babyai.yaml", flags=flags)
     with pytest.raises(TrainingInterrupted) as stop:

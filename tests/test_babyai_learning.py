@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
 
 from rims_rl.agents.training import prepare
 from rims_rl.config import CONFIG_DIR, resolve_config
@@ -48,8 +49,9 @@ def _core_response(policy, obs: dict[str, th.Tensor]) -> tuple[float, float]:
 
 @pytest.mark.parametrize("policy", ["lstm", "rims"])
 def test_a2c_core_still_reads_its_observation_after_its_first_updates(policy):
-    """Five updates of the shipped A2C config. With torch's RMSprop the core's response to its input fell to
-    0.17x (LSTM, with 79% of its gates saturated) and 0.26x (RIM) of its initial value; bias-corrected, ~1x."""
+    """Five updates of the shipped A2C settings. With torch's RMSprop the core's response to its input fell to
+    0.09-0.19x of its initial value (both cores, seeds 0 and 1; before the encoder's layer norm, 79% of the LSTM's
+    gate pre-activations also went beyond +-3); with the bias-corrected RMSprop it stays at 0.43-0.84x."""
     flags = {"policy": policy, "algo": "a2c", "seed": 0, "wandb.mode": "disabled"}
     cfg = resolve_config(TRAIN, CONFIG_DIR / "babyai.yaml", flags=flags)
     prepared = prepare(cfg)
@@ -58,5 +60,35 @@ def test_a2c_core_still_reads_its_observation_after_its_first_updates(policy):
     model.learn(5 * cfg.n_envs * cfg.a2c.n_steps)
     spread_after, saturated = _core_response(model.policy, probe)
     prepared.env.close()
-    assert spread_after > 0.5 * spread_before, f"{spread_before:.4f} -> {spread_after:.4f}"
+    assert spread_after > 0.3 * spread_before, f"{spread_before:.4f} -> {spread_after:.4f}"
     assert saturated < 0.1
+
+
+class StopAtSuccess(BaseCallback):
+    """Stops training once the success rate of the last 100 training episodes reaches ``threshold``."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.reached_at: int | None = None
+
+    def _on_step(self) -> bool:
+        successes = self.model.ep_success_buffer
+        if len(successes) == successes.maxlen and np.mean(successes) >= self.threshold:
+            self.reached_at = self.num_timesteps
+            return False
+        return True
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("policy", ["lstm", "rims"])
+def test_both_cores_move_well_off_chance_on_the_train_split(policy, seed):
+    """The shipped config (RecurrentPPO): the success rate over 100 training episodes reaches 0.6 (chance:
+    ~1/3; 0.6 is 5.6 binomial standard deviations above it) within 150k env steps, for two seeds per core."""
+    flags = {"policy": policy, "algo": "ppo", "seed": seed, "wandb.mode": "disabled"}
+    cfg = resolve_config(TRAIN, CONFIG_DIR / "babyai.yaml", flags=flags)
+    prepared = prepare(cfg)
+    stop = StopAtSuccess(0.6)
+    prepared.model.learn(150_000, callback=stop)
+    prepared.env.close()
+    assert stop.reached_at is not None, f"{policy} seed {seed}: success {np.mean(prepared.model.ep_success_buffer)}"
