@@ -222,6 +222,7 @@ def _plot(groups: dict[tuple[str, str], list[RunCurve]], path: Path, metric: str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     envs = sorted({env for env, _ in groups})
     columns = min(len(envs), 3)
@@ -239,6 +240,7 @@ def _plot(groups: dict[tuple[str, str], list[RunCurve]], path: Path, metric: str
             ax.fill_between(grid, low, high, color=colour, alpha=0.2, linewidth=0)
         ax.set_title(env)
         ax.set_xlabel("env steps")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 400k, not 400000 (whose labels run into each other)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
