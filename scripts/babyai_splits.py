@@ -1,6 +1,7 @@
 """RIM vs LSTM on BabyAI object picking, with A2C and PPO: train on the Train split, evaluate on every split.
 
-    python scripts/babyai_splits.py [--algos a2c ppo] [--seeds 0 1 2] [--jobs 2] [--out runs/babyai_splits]
+    python scripts/babyai_splits.py [--algos a2c ppo] [--seeds 0 1 2] [--a2c-timesteps 600000] [--ppo-timesteps 400000]
+        [--jobs 2] [--out runs/babyai_splits]
 
 Trains each (algorithm, policy, seed) with ``configs/babyai.yaml`` (what ``rims-rl train --env
 BabyAI-ObjectPicking-Train-v0 --policy P --algo A --seed S`` runs), for ``--a2c-timesteps`` / ``--ppo-timesteps``
@@ -21,10 +22,10 @@ import argparse
 import json
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _jobs import run_jobs  # scripts/_jobs.py
 
 PAPER = {"known": "RIM ~1.0, LSTM lower", "novel": "RIM < 1.0, above LSTM"}
 
@@ -108,31 +109,29 @@ def main() -> None:
     parser.add_argument("--algos", nargs="+", default=["a2c", "ppo"], choices=["a2c", "ppo"])
     parser.add_argument("--policies", nargs="+", default=["rims", "lstm"], choices=["rims", "lstm"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--a2c-timesteps", type=int, default=1_500_000, help="env steps per A2C run (default 1.5M)")
+    parser.add_argument("--a2c-timesteps", type=int, default=600_000, help="env steps per A2C run (default 600000)")
     parser.add_argument("--ppo-timesteps", type=int, default=400_000, help="env steps per PPO run (default 400000)")
     parser.add_argument("--episodes", type=int, default=200, help="evaluation episodes per split and run")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs trained at once (default: cores)")
     parser.add_argument("--out", type=Path, default=Path("runs/babyai_splits"))
     args = parser.parse_args()
     budget = {"a2c": args.a2c_timesteps, "ppo": args.ppo_timesteps}
-    jobs = [(a, p, s) for a in args.algos for s in args.seeds for p in args.policies]
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {}
-        for algo, policy, seed in jobs:
-            run_dir = str(args.out / f"{algo}-{policy}-s{seed}")
-            futures[algo, policy, seed] = pool.submit(run_one, run_dir, algo, policy, seed, budget[algo], args.episodes)
-        results: dict[tuple[str, str], list[list[dict]]] = {}
-        for (algo, policy, seed), future in futures.items():
-            rows = future.result()
-            if rows is None:
-                raise SystemExit("interrupted: the runs are checkpointed; run the same command again to continue")
-            results.setdefault((algo, policy), []).append(rows)
-            print(f"{algo} {policy} seed {seed}: " + ", ".join(f"{r['split']} {r['success_rate']:.3f}" for r in rows))
+    runs = {
+        (a, p, s): (str(args.out / f"{a}-{p}-s{s}"), a, p, s, budget[a], args.episodes)
+        for a in args.algos
+        for s in args.seeds
+        for p in args.policies
+    }
+    results: dict[tuple[str, str], list[list[dict]]] = {}
+    for (algo, policy, seed), rows in run_jobs(run_one, runs, args.jobs).items():
+        results.setdefault((algo, policy), []).append(rows)
+        scores = ", ".join(f"{r['split']} {r['success_rate']:.3f}" for r in rows)
+        print(f"{algo} {policy} seed {seed}: {scores}")
     from rims_rl.agents.reports import compare
 
     for algo in args.algos:
-        runs = [args.out / f"{algo}-{p}-s{s}" for p in args.policies for s in args.seeds]
-        compare(runs, args.out / f"compare_{algo}", metric="rollout/success_rate")
+        dirs = [args.out / f"{algo}-{p}-s{s}" for p in args.policies for s in args.seeds]
+        compare(dirs, args.out / f"compare_{algo}", metric="rollout/success_rate")
     text = table(results, args.seeds, args.episodes)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text)

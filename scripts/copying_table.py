@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _jobs import run_jobs  # scripts/_jobs.py
 
 # (label, overrides, paper's CE at span 50 and 200): Table 1 and Table 5
 TABLE1 = [
@@ -61,12 +61,12 @@ def run_dir_name(overrides: dict, seed: int) -> str:
     return "-".join(["rims", shape, *overrides.get("ablations", []), f"s{seed}"])
 
 
-def run_one(run_dir: str, overrides: dict, seed: int, updates: int) -> dict:
-    """Train (or continue) one run to ``updates``; returns its final evaluation row."""
+def run_one(run_dir: str, overrides: dict, seed: int, updates: int) -> dict | None:
+    """Train (or continue) one run to ``updates``; returns its final evaluation row (None if a signal stopped it)."""
     import torch
 
     torch.set_num_threads(1)
-    from rims_rl.agents.copying import train_copying
+    from rims_rl.agents.copying import CopyingInterrupted, train_copying
     from rims_rl.config import CopyingConfig, resolve_copying_config
 
     path = Path(run_dir)
@@ -81,7 +81,10 @@ def run_one(run_dir: str, overrides: dict, seed: int, updates: int) -> dict:
         cfg.updates = updates
     else:
         cfg = resolve_copying_config(flags={**overrides, "seed": seed, "updates": updates, "wandb.mode": "disabled"})
-    return train_copying(cfg, path, resume=resume)["final"]
+    try:
+        return train_copying(cfg, path, resume=resume)["final"]
+    except CopyingInterrupted:
+        return None  # checkpointed: the next call continues it
 
 
 def _cell(rows: list[dict], key: str) -> str:
@@ -98,13 +101,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/copying"))
     args = parser.parse_args()
     rows = [row for name in args.rows for row in ROWS[name]]
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {
-            (label, seed): pool.submit(run_one, str(args.out / run_dir_name(o, seed)), o, seed, args.updates)
-            for label, o, _, _ in rows
-            for seed in args.seeds
-        }
-        finals = {key: future.result() for key, future in futures.items()}
+    runs = {
+        (label, seed): (str(args.out / run_dir_name(o, seed)), o, seed, args.updates)
+        for label, o, _, _ in rows
+        for seed in args.seeds
+    }
+    finals = run_jobs(run_one, runs, args.jobs)
     lines = [
         "| model | CE span 50 | CE span 200 | copy accuracy span 50 | copy accuracy span 200 | paper CE 50 / 200 |",
         "|---|---|---|---|---|---|",

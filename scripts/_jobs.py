@@ -1,0 +1,33 @@
+"""Experiment scripts' runs in worker processes, a few at a time, so that an interrupt starts nothing new."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Any
+
+INTERRUPTED = "interrupted: the runs are checkpointed; run the same command again to continue"
+
+
+def run_jobs(fn: Callable[..., Any], jobs: dict[Hashable, tuple], workers: int) -> dict[Hashable, Any]:
+    """``{key: fn(*args)}`` for ``jobs = {key: args}``, in the order given, at most ``workers`` at once (each in a
+    worker process). Jobs are handed to the pool only when a worker is free: a pool given them all at once starts
+    queued ones even after Ctrl-C. A job returning None (a signal stopped its run, which checkpointed) or Ctrl-C
+    ends the script with :data:`INTERRUPTED` once the running jobs have stopped (Ctrl-C reaches them too: they
+    checkpoint); no job starts after it.
+    """
+    pending, running, results = list(jobs.items()), {}, {}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        try:
+            while pending or running:
+                while pending and len(running) < workers:
+                    key, args = pending.pop(0)
+                    running[pool.submit(fn, *args)] = key
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    results[running.pop(future)] = result = future.result()
+                    if result is None:
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemExit(INTERRUPTED) from None  # leaving the pool waits for the running jobs
+    return {key: results[key] for key in jobs}
