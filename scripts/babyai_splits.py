@@ -32,6 +32,7 @@ PAPER = {"known": "RIM ~1.0, LSTM lower", "novel": "RIM < 1.0, above LSTM"}
 
 def _train(run_dir: Path, algo: str, policy: str, seed: int, total: int) -> None:
     """Train the run into ``run_dir``, or resume it, or nothing if it is finished."""
+    from rims_rl.agents.checkpoints import RunLock
     from rims_rl.agents.training import RunRejected, resume, train
     from rims_rl.config import CONFIG_DIR, resolve_config
     from rims_rl.envs.babyai import split_env_id
@@ -41,6 +42,7 @@ def _train(run_dir: Path, algo: str, policy: str, seed: int, total: int) -> None
     if status == "finished":
         return
     if status is not None:
+        RunLock.check(run_dir)  # RunInUse if another process is training it: never retrained under it below
         try:
             resume(run_dir)
             return
@@ -123,7 +125,13 @@ def main() -> None:
         for p in args.policies
     }
     results: dict[tuple[str, str], list[list[dict]]] = {}
-    for (algo, policy, seed), rows in run_jobs(run_one, runs, args.jobs).items():
+    from rims_rl.agents.checkpoints import RunInUse
+
+    try:
+        finished = run_jobs(run_one, runs, args.jobs)
+    except RunInUse as err:
+        raise SystemExit(f"babyai_splits: {err} (another babyai_splits on the same --out?)") from None
+    for (algo, policy, seed), rows in finished.items():
         results.setdefault((algo, policy), []).append(rows)
         scores = ", ".join(f"{r['split']} {r['success_rate']:.3f}" for r in rows)
         print(f"{algo} {policy} seed {seed}: {scores}")
