@@ -370,7 +370,8 @@ def train(
             "timesteps": 0,
         }
         _write_json(run_dir / "run.json", meta)
-        return _run(cfg, run_dir, prepared.env, prepared.model, meta, None, progress_bar, callbacks, handle_signals)
+        session = _Session(cfg, run_dir, prepared.env, prepared.model, meta, None)
+        return session.run(progress_bar, callbacks or [], handle_signals)
     finally:
         lock.release()
 
@@ -470,7 +471,7 @@ def resume(
             }
         )
         meta["rims_rl_version"] = __version__
-        return _run(cfg, run_dir, env, model, meta, state, progress_bar, callbacks, handle_signals)
+        return _Session(cfg, run_dir, env, model, meta, state).run(progress_bar, callbacks or [], handle_signals)
     finally:
         lock.release()
 
@@ -504,21 +505,6 @@ def _resumable_checkpoint(
             "put it back, or start a new run"
         )
     return ckpt, state, skipped
-
-
-def _run(
-    cfg: TrainConfig,
-    run_dir: Path,
-    env: VecEnv,
-    model: Algorithm,
-    meta: dict[str, Any],
-    state: dict[str, Any] | None,
-    progress_bar: bool,
-    callbacks: list[BaseCallback] | None,
-    handle_signals: bool,
-) -> TrainResult:
-    """The training session shared by :func:`train` and :func:`resume` (``state``: the checkpoint's, or None)."""
-    return _Session(cfg, run_dir, env, model, meta, state).run(progress_bar, callbacks or [], handle_signals)
 
 
 class _Session:
