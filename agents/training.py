@@ -76,10 +76,12 @@ from rims_rl.agents.checkpoints import (
 from rims_rl.agents.evaluation import EVAL_N_ENVS, EVAL_SEED_OFFSET, EvalResult, evaluate
 from rims_rl.agents.ppo import RecurrentPPO
 from rims_rl.agents.recurrent_a2c import RecurrentA2C
+from rims_rl.agents.sizes import ResourceError, check_env_count, check_memory
+from rims_rl.agents.spaces import extractor_choice, grid_mission
 from rims_rl.agents.transfer import TransferError, freeze, load_source_weights
 from rims_rl.config import TrainConfig
-from rims_rl.envs import AtariSettings, make_env
-from rims_rl.extractors import GridMissionExtractor
+from rims_rl.envs import AtariSettings, UnsupportedSpaceError, make_env
+from rims_rl.extractors import GridMissionExtractor, SmallImageCNN
 from rims_rl.tracking import ACTIVATIONS_DIR, RIMActivationCallback, WandbOutputFormat, start_wandb
 
 __all__ = [
@@ -192,11 +194,6 @@ def policy_name(cfg: TrainConfig, observation_space: spaces.Space) -> str:
     return f"{kind}LstmPolicy"
 
 
-def _grid_mission(observation_space: spaces.Space) -> bool:
-    """A dict of a symbolic grid view and a tokenised mission (object picking), read by GridMissionExtractor."""
-    return isinstance(observation_space, spaces.Dict) and set(observation_space.spaces) == {"image", "mission"}
-
-
 def policy_kwargs(cfg: TrainConfig, observation_space: spaces.Space) -> dict[str, Any]:
     """Policy keyword arguments from the config: the same heads and extractor for RIM and LSTM."""
     net = cfg.network
@@ -209,8 +206,11 @@ def policy_kwargs(cfg: TrainConfig, observation_space: spaces.Space) -> dict[str
     )
     if cfg.algo == "ppo":  # RecurrentA2C chooses its optimiser (RMSprop) itself
         kwargs["optimizer_kwargs"] = dict(eps=cfg.ppo.adam_eps)
-    if _grid_mission(observation_space):  # goal-conditioned grid views (BabyAI): the mission conditions the cells
+    if grid_mission(observation_space):  # goal-conditioned grid views (BabyAI): the mission conditions the cells
         kwargs["features_extractor_class"] = GridMissionExtractor
+    small_image = extractor_choice(observation_space) == "SmallImageCNN"
+    if small_image and not (cfg.policy == "rims" and cfg.rim.input_set == "grid"):  # NatureCNN cannot take it
+        kwargs["features_extractor_class"] = SmallImageCNN
     critic = net.recurrent_critic
     shared, separate, grad = critic in ("shared", "shared_detached"), critic == "separate", critic == "shared"
     if cfg.policy == "rims":
@@ -227,7 +227,7 @@ def policy_kwargs(cfg: TrainConfig, observation_space: spaces.Space) -> dict[str
         )
         if policy_name(cfg, observation_space) == "RIMCnnPolicy":
             kwargs["input_set"] = rim.input_set
-        if _grid_mission(observation_space):
+        if grid_mission(observation_space):
             kwargs["features_extractor_kwargs"] = dict(input_set=rim.input_set)
     else:
         kwargs.update(
@@ -287,13 +287,20 @@ def build_model(cfg: TrainConfig, env: Any) -> Algorithm:
 def make_train_env(cfg: TrainConfig) -> VecEnv:
     """The vectorised training env of ``cfg`` (with reward normalisation if configured).
 
-    :raises ConfigRejected: when the env cannot be made (e.g. a missing optional dependency).
+    :raises ConfigRejected: when the env cannot be made (e.g. a missing optional dependency), its spaces are ones
+        the policies cannot read, or there are more copies than one process steps (:mod:`rims_rl.agents.sizes`).
     """
+    try:
+        check_env_count(cfg)
+    except ResourceError as err:
+        raise ConfigRejected(str(err)) from None
     try:
         env = make_env(
             cfg.env, n_envs=cfg.n_envs, seed=cfg.seed, vec_env=cfg.vec_env, efference_copy=cfg.efference_copy,
-            atari=atari_settings(cfg),
+            atari=atari_settings(cfg), gym_packages=cfg.gym_packages,
         )  # fmt: skip
+    except UnsupportedSpaceError as err:
+        raise ConfigRejected(f"{cfg.env}: {err}") from None
     except (gym.error.Error, ValueError) as err:
         raise ConfigRejected(f"cannot make env {cfg.env}: {str(err).splitlines()[0]}") from None
     if cfg.normalize_reward:  # observations untouched, so the policy needs no statistics at evaluation
@@ -308,6 +315,11 @@ def prepare(cfg: TrainConfig) -> Prepared:
         discrete actions).
     """
     env = make_train_env(cfg)
+    try:
+        check_memory(cfg, env.observation_space)
+    except ResourceError as err:
+        env.close()
+        raise ConfigRejected(str(err)) from None
     try:
         model = build_model(cfg, env)
     except (ValueError, AssertionError, TypeError) as err:
@@ -599,7 +611,7 @@ class _Session:
         eval_seed = cfg.seed + EVAL_SEED_OFFSET
         eval_env = make_env(
             cfg.env, n_envs=min(cfg.eval.episodes, EVAL_N_ENVS), seed=eval_seed, efference_copy=cfg.efference_copy,
-            atari=atari_settings(cfg).full_games(),
+            atari=atari_settings(cfg).full_games(), gym_packages=cfg.gym_packages,
         )  # fmt: skip
         if cfg.normalize_reward:  # EvalCallback syncs statistics between identically wrapped envs
             eval_env = VecNormalize(eval_env, norm_obs=False, norm_reward=False, training=False)

@@ -25,7 +25,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     env_id = args.env or cfg.env
     from rims_rl.envs import check_env_id
 
-    check_env_id(env_id)
+    check_env_id(env_id, cfg.gym_packages)
     episodes = args.episodes if args.episodes is not None else cfg.eval.episodes
     deterministic = args.deterministic if args.deterministic is not None else cfg.eval.deterministic
     if episodes < 1:
@@ -120,7 +120,7 @@ def cmd_activations(args: argparse.Namespace) -> int:
     env_id = args.env or cfg.env
     from rims_rl.envs import check_env_id
 
-    check_env_id(env_id)
+    check_env_id(env_id, cfg.gym_packages)
     if args.episodes < 1:
         raise UsageError(f"--episodes must be >= 1, got {args.episodes}")
     if args.max_frames < 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rims_rl.cli.common import UsageError, check_device, signal_exit_code
-from rims_rl.config import ABLATIONS, CONFIG_DIR, TrainConfig, describe_fields, resolve_config
+from rims_rl.config import ABLATIONS, CONFIG_DIR, DEFAULT_CONFIG, TrainConfig, describe_fields, resolve_config
 
 _RESUME_KEEPS = ("device", "no_progress", "resume")  # the only train options that go with --resume
 
@@ -27,22 +27,46 @@ def _family_config(env_id: str) -> Path | None:
     return path
 
 
-def _resolve(args: argparse.Namespace, flags: dict[str, Any]) -> TrainConfig:
-    from rims_rl.envs import check_env_id
+def _probe_spaces(env_id: str, packages: list[str]) -> tuple[Any, Any]:
+    """The observation and action spaces of one copy of ``env_id``, as training sees them (with the wrappers of
+    ``make_env``)."""
+    import gymnasium as gym
 
-    check_env_id(args.env)
-    from rims_rl.envs import family_of
+    from rims_rl.envs import UnsupportedSpaceError, make_env
 
+    try:
+        env = make_env(env_id, n_envs=1, seed=0, vec_env="dummy", gym_packages=packages)
+    except UnsupportedSpaceError as err:
+        raise UsageError(f"{env_id}: {err}") from None
+    except (gym.error.Error, ValueError, ImportError) as err:
+        raise UsageError(f"cannot make env {env_id}: {str(err).strip().splitlines()[0]}") from None
+    try:
+        return env.observation_space, env.action_space
+    finally:
+        env.close()
+
+
+def _resolve(args: argparse.Namespace, flags: dict[str, Any]) -> tuple[TrainConfig, str]:
+    """The config of ``args`` and comment lines saying how it was chosen (``rims-rl config`` prints them)."""
+    from rims_rl.envs import check_env_id, family_of
+
+    packages = list(getattr(args, "gym_packages", None) or [])
+    check_env_id(args.env, packages)
+    if packages:
+        flags = {**flags, "gym_packages": packages}
     family = family_of(args.env)
     if family is not None and family.command != "train":
         raise UsageError(f"{args.env} ({family.name}) is trained with `rims-rl {family.command}`, not train")
-    family_file = _family_config(args.env)
-    if family_file is None and args.config is None:
-        raise UsageError(
-            f"env '{args.env}' belongs to no rims-rl family, so there is no default config: pass --config FILE "
-            "(`rims-rl envs` lists the families)"
-        )
-    return resolve_config(args.env, family_file, args.config, flags, args.set)
+    if family is not None:
+        family_file = _family_config(args.env)
+        cfg = resolve_config(args.env, family_file, args.config, flags, args.set)
+        return cfg, f"# {args.env}: env family '{family.name}', config {family_file}"
+    from rims_rl.agents.spaces import describe_choice, space_kinds
+
+    observation_space, action_space = _probe_spaces(args.env, packages)
+    kinds = space_kinds(observation_space, action_space)
+    cfg = resolve_config(args.env, DEFAULT_CONFIG, args.config, flags, args.set, kinds)
+    return cfg, describe_choice(args.env, str(DEFAULT_CONFIG), observation_space, action_space)
 
 
 def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _resume(args)
     if args.env is None:
         raise UsageError("the following arguments are required: --env (or --resume RUN_DIR)")
-    cfg = _resolve(args, _train_flags(args))
+    cfg, _ = _resolve(args, _train_flags(args))
     check_device(cfg.device)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
@@ -178,20 +202,30 @@ def cmd_config(args: argparse.Namespace) -> int:
         for key, default, help_text in describe_fields():
             print(f"{key:32} {default!r:>14}  {help_text}")
         return 0
-    cfg = _resolve(args, _train_flags(args))
+    cfg, how = _resolve(args, _train_flags(args))
+    print(how)
     print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")
     return 0
 
 
 def _add_config_args(p: argparse.ArgumentParser, env_default: str | None) -> None:
-    p.add_argument("--env", default=env_default, help="gymnasium env id (rims-rl envs)")
+    p.add_argument(
+        "--env", default=env_default,
+        help="gymnasium env id: the project's (rims-rl envs), any registered id, or module:EnvId",
+    )  # fmt: skip
+    p.add_argument(
+        "--gym-packages", nargs="+", default=[], metavar="PKG",
+        help="packages to import first, so that the env ids they register can be used (rl-zoo's flag)",
+    )  # fmt: skip
     p.add_argument("--policy", choices=["rims", "lstm"], help="recurrent core: RIM or the LSTM baseline")
     p.add_argument(
         "--algo",
         choices=["ppo", "a2c"],
         help="learning algorithm: RecurrentPPO or RecurrentA2C (default from the config)",
     )
-    p.add_argument("--config", type=Path, help="YAML file overriding the env family's config")
+    p.add_argument(
+        "--config", type=Path, help="YAML file overriding the env family's config (configs/default.yaml for others)"
+    )
     p.add_argument("--total-timesteps", type=int, metavar="N", help="env steps to train for")
     p.add_argument("--n-envs", type=int, metavar="N", help="parallel environments")
     p.add_argument("--seed", type=int, metavar="S", help="random seed")

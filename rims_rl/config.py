@@ -3,8 +3,11 @@
 Resolution order (later wins):
 
 1. the defaults below (every field documents itself; ``rims-rl config`` prints them);
-2. the env family's file ``configs/<family>.yaml``: its ``default`` section, then the section named by the env id;
-3. a user file given with ``--config FILE`` (either a flat partial config, or sections keyed ``default``/env id);
+2. the env family's file ``configs/<family>.yaml`` (an env outside the families: ``configs/default.yaml``): its
+   ``default`` section, then the sections named by the env's kind (:data:`KIND_SECTIONS`: ``vector``, ``image``,
+   ``dict`` or ``mission`` by its observations, then ``continuous`` for Box actions), then the env id's section;
+3. a user file given with ``--config FILE`` (either a flat partial config, or sections keyed ``default``, kind
+   names and env ids, merged in the same order);
 4. the dedicated CLI flags (``--total-timesteps``, ``--n-envs``, ``--seed``, ...);
 5. ``--set key=value`` overrides with dotted keys (``--set rim.k_active=5 --set ppo.learning_rate=1e-3``).
 
@@ -26,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "ABLATIONS",
     "CONFIG_DIR",
+    "DEFAULT_CONFIG",
+    "KIND_SECTIONS",
     "A2CConfig",
     "ActivationConfig",
     "AtariConfig",
@@ -50,6 +55,17 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(str(files("rims_rl.configs")))
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+"""The config of envs outside the project's families (chosen by their spaces)."""
+
+KIND_SECTIONS: dict[str, str] = {
+    "vector": "flat vector observations (a Box that is not an image): MLP extractor",
+    "image": "uint8 image observations (HxWxC or CxHxW): Nature CNN, or a small CNN under 36 pixels",
+    "dict": "Dict observations: SB3's multi-input extractor (a CNN per image key, flattened vectors)",
+    "mission": "MiniGrid-style dicts with a text mission: the grid + mission extractor (word ids)",
+    "continuous": "Box actions (a Gaussian policy)",
+}
+"""Sections a sectioned config file may hold besides ``default`` and env ids, by the env's spaces (module doc)."""
 """The shipped YAML configs (package data: ``configs/`` in the checkout)."""
 
 
@@ -255,7 +271,10 @@ Ablation = Literal["no_input_attention", "no_communication", "all_active", "one_
 class TrainConfig(_Section):
     """Everything one training run needs; the resolved tree is saved as ``config.yaml`` in the run directory."""
 
-    env: str = Field("CartPoleNoVel-v1", description="gymnasium env id")
+    env: str = Field("CartPoleNoVel-v1", description="gymnasium env id (or module:EnvId)")
+    gym_packages: list[str] = Field(
+        default_factory=list, description="packages imported before the env is made (registering its id)"
+    )
     policy: Literal["rims", "lstm"] = Field("rims", description="recurrent core")
     algo: Literal["ppo", "a2c"] = Field("ppo", description="learning algorithm: RecurrentPPO or RecurrentA2C")
     total_timesteps: int = Field(100_000, ge=1, description="env steps to train for")
@@ -495,20 +514,23 @@ def load_yaml(path: Path) -> dict[str, Any]:
 _ENV_SECTION = re.compile(r"^[\w.:/-]+-v\d+$")  # gymnasium ids end in -v<N>
 
 
-def _sections_for(data: dict[str, Any], env_id: str, path: Path) -> dict[str, Any]:
-    """The partial config a file gives for ``env_id``: ``default`` then the env's section (rl-zoo style), or the
-    whole file when it is a flat config (whose keys are all validated later)."""
-    sectioned = any(key == "default" or _ENV_SECTION.match(str(key)) for key in data)
-    if not sectioned:
+def _sections_for(data: dict[str, Any], env_id: str, path: Path, kinds: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The partial config a file gives for ``env_id``: ``default``, the ``kinds`` sections, then the env's section
+    (rl-zoo style), or the whole file when it is a flat config (whose keys are all validated later)."""
+
+    def is_section(key: Any) -> bool:
+        return key == "default" or key in KIND_SECTIONS or bool(_ENV_SECTION.match(str(key)))
+
+    if not any(is_section(key) for key in data):
         return data
     for key in data:
-        if key != "default" and not _ENV_SECTION.match(str(key)):
+        if not is_section(key):
             raise ConfigError(
                 f"unknown top-level key '{key}' in {path}: a config file holds either config keys, or sections "
-                "named 'default' and env ids"
+                f"named 'default', {', '.join(KIND_SECTIONS)} and env ids"
             )
     merged: dict[str, Any] = {}
-    for section in ("default", env_id):
+    for section in ("default", *kinds, env_id):
         part = data.get(section) or {}
         if not isinstance(part, dict):
             raise ConfigError(f"section '{section}' of {path} must be a mapping")
@@ -566,11 +588,13 @@ def resolve_config(
     user_file: Path | None = None,
     flags: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
+    kinds: tuple[str, ...] = (),
 ) -> TrainConfig:
     """Merge the layers described in the module docstring and validate the result.
 
     :param env_id: the env id (selects the section of each file).
-    :param family_file: the env family's YAML file, or None.
+    :param family_file: the env family's YAML file (:data:`DEFAULT_CONFIG` for other envs), or None.
+    :param kinds: the env's :data:`KIND_SECTIONS`, in order (``rims_rl.envs.space_kinds``).
     :param user_file: ``--config FILE``, or None.
     :param flags: values of the dedicated CLI flags that were given (dotted keys allowed), e.g.
         ``{"policy": "lstm", "wandb.mode": "disabled"}``.
@@ -580,9 +604,9 @@ def resolve_config(
     data: dict[str, Any] = {"env": env_id}
     layers: list[tuple[dict[str, Any], str]] = []
     if family_file is not None:
-        layers.append((_sections_for(load_yaml(family_file), env_id, family_file), str(family_file)))
+        layers.append((_sections_for(load_yaml(family_file), env_id, family_file, kinds), str(family_file)))
     if user_file is not None:
-        layers.append((_sections_for(load_yaml(user_file), env_id, user_file), str(user_file)))
+        layers.append((_sections_for(load_yaml(user_file), env_id, user_file, kinds), str(user_file)))
     if flags:
         layers.append((_nest(flags), "command-line flags"))
     if overrides:

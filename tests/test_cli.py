@@ -91,7 +91,16 @@ BAD_INPUTS = [
         "rim.k_active=7 must be in [1, rim.num_units=6]",
     ),
     (["train", "--env", "CartPoleNoVel-v1", "--n-envs", "0"], "config key 'n_envs' = 0"),
-    (["train", "--env", "Acrobot-v1"], "pass --config FILE"),
+    (["train", "--env", "tests.any_envs:TinyText-v0"], "the observation space is a Text space"),
+    (["train", "--env", "TinyGraph-v0", "--gym-packages", "tests.any_envs"], "the observation space is a Graph space"),
+    (["train", "--env", "no_such_module:Env-v0"], "cannot import module 'no_such_module'"),
+    (["train", "--env", "Acrobot-v1", "--gym-packages", "no_such_pkg"], "cannot import gym package 'no_such_pkg'"),
+    (["train", "--env", "CarRacing-v3"], "cannot make env CarRacing-v3: Box2D is not installed"),
+    (["train", "--env", "CartPoleNoVel-v1", "--n-envs", "100000"], "n_envs=100000 is more env copies than"),
+    (
+        ["train", "--env", "CartPoleNoVel-v1", "--set", "rim.num_units=100000", "--set", "rim.k_active=4"],
+        "more than the",
+    ),
     (["evaluate", "/no/such/run"], "run directory /no/such/run does not exist"),
     (["train"], "the following arguments are required: --env"),
 ]

@@ -139,5 +139,5 @@ def test_every_sweep_run_is_a_valid_train_command(sweep_file):
     for values in itertools.product(*(params[n]["values"] for n in names)):
         argv = ["train", *fixed, *(f"--{n.replace('_', '-')}={v}" for n, v in zip(names, values, strict=True))]
         args = build_parser().parse_args(argv)
-        cfg = _resolve(args, _train_flags(args))
+        cfg, _ = _resolve(args, _train_flags(args))
         assert (cfg.env, cfg.policy, cfg.seed, cfg.wandb.mode) == (args.env, args.policy, args.seed, "online")
