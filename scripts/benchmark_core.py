@@ -60,7 +60,8 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-def core_benchmarks(repeats: int, device: str) -> None:
+def core_benchmarks(repeats: int, device: str) -> dict[str, dict[str, float]]:
+    """(a) and (b) of the module docstring, printed; returns ``{"a": {"rim": s, "lstm": s, "ratio": r}, "b": ...}``."""
     torch.manual_seed(0)
     rim = RIM(512, num_units=6, unit_size=100, k_active=4).to(device)
     cell = nn.LSTMCell(512, 600).to(device)
@@ -94,6 +95,7 @@ def core_benchmarks(repeats: int, device: str) -> None:
           f"   ratio {step_ratio:.2f}  [target <= 2.0]")  # fmt: skip
     print(f"(b) 128 steps, batch 8, fwd+bwd:  RIM {seq['rim'] * 1e3:7.1f} ms   nn.LSTM  {seq['lstm'] * 1e3:7.1f} ms"
           f"   ratio {seq_ratio:.2f}  [target <= 2.0]")  # fmt: skip
+    return {"a": {**step, "ratio": step_ratio}, "b": {**seq, "ratio": seq_ratio}}
 
 
 def training_benchmark(repeats: int, device: str, steps: int) -> None:
