@@ -98,6 +98,42 @@ def core_benchmarks(repeats: int, device: str) -> dict[str, dict[str, float]]:
     return {"a": {**step, "ratio": step_ratio}, "b": {**seq, "ratio": seq_ratio}}
 
 
+def leaf_ops(fn: Callable[[], None]) -> int:
+    """ATen operators ``fn`` runs that call no other ATen operator (torch.profiler on the CPU): each is a kernel,
+    a launch on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm-up (the C++ loop's build, allocator)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.events()
+    return sum(1 for e in events if e.name.startswith("aten::") and not any(
+        c.name.startswith("aten::") for c in e.cpu_children))  # fmt: skip
+
+
+def kernel_counts() -> dict[str, dict[str, float]]:
+    """Leaf ATen operators of one step (batch 64) and of a 128-step sequence per step (batch 8), forward and
+    backward, RIM against ``nn.LSTMCell``/``nn.LSTM``; printed."""
+    torch.manual_seed(0)
+    rim, cell, lstm = RIM(512, num_units=6, unit_size=100, k_active=4), nn.LSTMCell(512, 600), nn.LSTM(512, 600)
+    x1, xs = torch.randn(1, 64, 512), torch.randn(128, 8, 512)
+    counts: dict[str, dict[str, float]] = {}
+    for name, forward in (
+        ("rim step", lambda: rim(x1)[0]),
+        ("LSTMCell step", lambda: cell(x1[0])[0]),
+        ("rim sequence", lambda: rim(xs)[0]),
+        ("LSTM sequence", lambda: lstm(xs)[0]),
+    ):
+        steps = 128 if "sequence" in name else 1
+        fwd = leaf_ops(lambda f=forward: f())
+        both = leaf_ops(lambda f=forward: f().sum().backward())
+        counts[name] = {"forward": fwd / steps, "backward": (both - fwd) / steps}
+    print("kernels (leaf ATen ops, CPU profiler) per step, forward / backward (incl. the loss sum):")
+    for name, c in counts.items():
+        print(f"      {name:16} {c['forward']:7.1f} / {c['backward']:7.1f}")
+    return counts
+
+
 def training_benchmark(repeats: int, device: str, steps: int) -> None:
     from sb3_contrib.ppo_recurrent.policies import MlpLstmPolicy as StockLstmPolicy
 
@@ -155,6 +191,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
           f"malloc {'keeps freed memory (rims_rl.allocator)' if kept else 'as is'}")  # fmt: skip
     core_benchmarks(args.repeats, args.device)
+    kernel_counts()
     if not args.skip_training:
         training_benchmark(max(3, args.repeats // 2), args.device, args.train_steps)
 

@@ -24,3 +24,15 @@ def test_device_check_runs_every_part_on_the_cpu_and_prints_one_table(tmp_path, 
     assert "| agreement | RIM gru, python loop vs CPU reference | ok |" in out
     assert (tmp_path / "device_check.md").read_text() in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["device_check.json", "device_check.md"]  # scratch removed
+
+
+def test_the_core_benchmark_counts_the_kernels_of_a_step(capsys):
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from benchmark_core import kernel_counts
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    counts = kernel_counts()
+    assert counts["rim step"]["forward"] > counts["LSTMCell step"]["forward"] > 0
+    assert counts["rim sequence"]["backward"] > 0 and counts["LSTM sequence"]["forward"] < 1  # one fused op per call
+    assert "kernels (leaf ATen ops" in capsys.readouterr().out
