@@ -212,13 +212,13 @@ def make_env(
 
     :param env_id: a gymnasium id (the project's are registered on import), or ``module:EnvId``.
     :param gym_packages: packages to import first (default: those imported so far in this process).
-    :raises UnsupportedSpaceError: spaces the policies cannot read (:func:`check_spaces`).
     :param n_envs: number of copies; copy ``i`` is seeded ``seed + i``.
     :param vec_env: one of :data:`VEC_ENVS`.
     :param efference_copy: join the previous action and reward to the observation (:class:`EfferenceCopy`);
         vector observations only.
     :param atari: the preprocessing of Atari games (:class:`rims_rl.envs.atari.AtariSettings`; DeepMind's by default).
     :raises ValueError: a vectorisation or option this env does not support.
+    :raises UnsupportedSpaceError: spaces the policies cannot read (:func:`check_spaces`).
     """
     packages = tuple(_IMPORTED if gym_packages is None else gym_packages)
     check_env_id(env_id, packages)

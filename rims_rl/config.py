@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(str(files("rims_rl.configs")))
+"""The shipped YAML configs (package data: ``configs/`` in the checkout)."""
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 """The config of envs outside the project's families (chosen by their spaces)."""
 
@@ -65,8 +66,8 @@ KIND_SECTIONS: dict[str, str] = {
     "mission": "MiniGrid-style dicts with a text mission: the grid + mission extractor (word ids)",
     "continuous": "Box actions (a Gaussian policy)",
 }
-"""Sections a sectioned config file may hold besides ``default`` and env ids, by the env's spaces (module doc)."""
-"""The shipped YAML configs (package data: ``configs/`` in the checkout)."""
+"""Sections a sectioned config file may hold besides ``default`` and env ids, by the env's spaces (module doc); they
+apply to envs outside the families (a family's file says what its envs need)."""
 
 
 class ConfigError(ValueError):

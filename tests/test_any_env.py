@@ -142,3 +142,15 @@ def test_subprocess_envs_import_the_gym_packages_again():
     finally:
         env.close()
     assert "TinyDict-v0" in gym.registry
+
+
+def test_small_images_read_as_a_set_of_positions_by_the_rim(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["train", "--env", "tests.any_envs:TinyImage-v0", "--policy", "rims", *SHORT, "--wandb", "disabled"]
+    assert main([*argv, "--set", "rim.input_set=grid", "--run-dir", str(run_dir)]) == 0
+    from rims_rl.agents.ppo import RecurrentPPO
+
+    policy = RecurrentPPO.load(run_dir / "model.zip", device="cpu").policy
+    extractor = policy.features_extractor
+    assert type(extractor).__name__ == "NatureCNNGrid" and extractor.set_size == 16  # 16x16 -> a 4x4 map
+    assert policy.input_set_size == 16
