@@ -94,12 +94,8 @@ def family_of(env_id: str) -> Family | None:
     return None
 
 
-_IMPORTED: list[str] = []  # gym packages imported in this process; subprocess envs import them again
-
-
 def import_gym_packages(packages: Sequence[str]) -> None:
-    """Import each package (rl-zoo's ``--gym-packages``), so that the env ids it registers can be made; they are
-    imported again in the worker processes of ``vec_env: subproc``.
+    """Import each package (rl-zoo's ``--gym-packages``), so that the env ids it registers can be made.
 
     :raises UnknownEnvError: a package that cannot be imported (one line).
     """
@@ -108,8 +104,6 @@ def import_gym_packages(packages: Sequence[str]) -> None:
             importlib.import_module(name)
         except Exception as err:
             raise UnknownEnvError(f"cannot import gym package '{name}': {type(err).__name__}: {err}") from None
-        if name not in _IMPORTED:
-            _IMPORTED.append(name)
 
 
 def check_env_id(env_id: str, gym_packages: Sequence[str] = ()) -> None:
@@ -204,14 +198,14 @@ def make_env(
     env_kwargs: dict[str, Any] | None = None,
     efference_copy: bool = False,
     atari: AtariSettings | None = None,
-    gym_packages: Sequence[str] | None = None,
+    gym_packages: Sequence[str] = (),
 ) -> VecEnv:
     """A vectorised env whose ``info["episode"]`` reports each finished episode's return and length (SB3's
     ``Monitor``). Text missions of MiniGrid-style envs become word ids
     (:class:`rims_rl.envs.minigrid.MissionTokens`).
 
     :param env_id: a gymnasium id (the project's are registered on import), or ``module:EnvId``.
-    :param gym_packages: packages to import first (default: those imported so far in this process).
+    :param gym_packages: packages to import first, here and in each worker process of ``vec_env="subproc"``.
     :param n_envs: number of copies; copy ``i`` is seeded ``seed + i``.
     :param vec_env: one of :data:`VEC_ENVS`.
     :param efference_copy: join the previous action and reward to the observation (:class:`EfferenceCopy`);
@@ -220,7 +214,7 @@ def make_env(
     :raises ValueError: a vectorisation or option this env does not support.
     :raises UnsupportedSpaceError: spaces the policies cannot read (:func:`check_spaces`).
     """
-    packages = tuple(_IMPORTED if gym_packages is None else gym_packages)
+    packages = tuple(gym_packages)
     check_env_id(env_id, packages)
     if vec_env not in VEC_ENVS:
         raise ValueError(f"vec_env={vec_env!r} is not one of {', '.join(VEC_ENVS)}")
