@@ -11,8 +11,9 @@ Rows (each trained with ``rims-rl copying``'s defaults: span 50, test span 200, 
 A run already trained to ``--updates`` is read, not retrained; a stopped one, or one trained to fewer updates,
 continues from its checkpoint (``rims-rl copying --resume RUN --updates N``), so the script can be stopped and started
 again, and a budget raised later. ``--jobs N`` trains N runs at once, one torch thread each (the default: the
-machine's cores). Prints, and writes to ``OUT/table.md``: cross-entropy over all steps and copy accuracy at the
-training and the test span, mean +- std over seeds, beside the paper's numbers.
+machine's cores); ``--match TEXT ...`` keeps the rows whose label contains one of the texts (e.g. ``--rows table5
+--match "k_T=6 k_A=4,"``). Prints, and writes to ``OUT/table_<rows>.md``: cross-entropy over all steps and copy
+accuracy at the training and the test span, mean +- std over seeds, beside the paper's numbers.
 """
 
 from __future__ import annotations
@@ -99,8 +100,12 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=5000, help="updates per run (default 5000)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs trained at once")
     parser.add_argument("--out", type=Path, default=Path("runs/copying"))
+    parser.add_argument("--match", nargs="+", metavar="TEXT", help="only the rows whose label contains one of these")
     args = parser.parse_args()
-    rows = [row for name in args.rows for row in ROWS[name]]
+    rows = [row for name in args.rows for row in ROWS[name] if not args.match or any(m in row[0] for m in args.match)]
+    if not rows:
+        labels = "; ".join(row[0] for name in args.rows for row in ROWS[name])
+        parser.error(f"--match {' '.join(args.match)} selects no row of {' '.join(args.rows)} (rows: {labels})")
     runs = {
         (label, seed): (str(args.out / run_dir_name(o, seed)), o, seed, args.updates)
         for label, o, _, _ in rows
@@ -118,7 +123,7 @@ def main() -> None:
     seeds = " ".join(map(str, args.seeds))
     text = "\n".join(lines) + f"\n\nmean +- std over seeds {seeds}; {args.updates} updates of 64 sequences per run\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(text)
+    (args.out / f"table_{'_'.join(args.rows)}.md").write_text(text)
     print(text, end="")
 
 
