@@ -192,6 +192,8 @@ def cmd_envs(args: argparse.Namespace) -> int:
         print(f"{family.name}: {family.description} (configs/{family.config_name})")
         for env_id in family.ids:
             print(f"  {env_id}")
+    if not args.family:
+        print("any other gymnasium id (or module:EnvId, --gym-packages PKG): configs/default.yaml, by its spaces")
     return 0
 
 
