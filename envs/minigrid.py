@@ -103,6 +103,7 @@ class MissionTokens(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         self.length = length
+        self._last: tuple[str, np.ndarray] = ("", np.zeros(length, dtype=np.int64))  # a mission lasts an episode
         self.vocabulary = mission_vocabulary(env)
         self._ids = {word: i for i, word in enumerate(self.vocabulary)}
         image = env.observation_space["image"]
@@ -131,5 +132,8 @@ class MissionTokens(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
         out["image"] = np.minimum(
             np.asarray(observation["image"], dtype=np.uint8), self.observation_space["image"].high
         )
-        out["mission"] = self.tokens(str(observation["mission"]))
+        mission = str(observation["mission"])
+        if mission != self._last[0]:
+            self._last = (mission, self.tokens(mission))
+        out["mission"] = self._last[1].copy()
         return out
