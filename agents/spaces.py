@@ -13,7 +13,7 @@ from stable_baselines3.common.preprocessing import is_image_space, is_image_spac
 
 from rims_rl.extractors import NATURE_CNN_MIN_SIDE
 
-__all__ = ["describe_choice", "extractor_choice", "grid_mission", "image_side", "space_kinds"]
+__all__ = ["describe_choice", "extractor_choice", "grid_mission", "image_side", "observation_kind", "space_kinds"]
 
 
 def grid_mission(space: spaces.Space) -> bool:
@@ -35,24 +35,26 @@ def image_side(space: spaces.Space) -> int | None:
     return int(min(shape))
 
 
+def observation_kind(space: spaces.Space) -> str:
+    """``mission``, ``dict``, ``image`` or ``vector``: the observation's :data:`~rims_rl.config.KIND_SECTIONS`."""
+    if grid_mission(space):
+        return "mission"
+    if isinstance(space, spaces.Dict):
+        return "dict"
+    return "image" if image_side(space) is not None else "vector"
+
+
 def space_kinds(observation_space: spaces.Space, action_space: spaces.Space) -> tuple[str, ...]:
     """The :data:`~rims_rl.config.KIND_SECTIONS` of an env: its observation kind, then ``continuous`` for Box
     actions."""
-    if grid_mission(observation_space):
-        kind = "mission"
-    elif isinstance(observation_space, spaces.Dict):
-        kind = "dict"
-    elif image_side(observation_space) is not None:
-        kind = "image"
-    else:
-        kind = "vector"
+    kind = observation_kind(observation_space)
     return (kind, "continuous") if isinstance(action_space, spaces.Box) else (kind,)
 
 
 def extractor_choice(observation_space: spaces.Space, input_set: str = "vector") -> str:
     """The name of the features extractor both cores read ``observation_space`` with (see
     ``rims_rl.agents.training.policy_kwargs``)."""
-    kind = space_kinds(observation_space, spaces.Discrete(2))[0]
+    kind = observation_kind(observation_space)
     if kind == "mission":
         return "GridMissionExtractor"
     if kind == "dict":
@@ -87,7 +89,7 @@ def describe_choice(env_id: str, config_file: str, observation_space: spaces.Spa
             f"# {env_id}: observations {_describe_space(observation_space)}, actions {_describe_space(action_space)}",
             *(f"# {kind}: {KIND_SECTIONS[kind]}" for kind in kinds),
             f"# extractor: {extractor}",
-            f"# config: {config_file}: sections {', '.join(['default', *kinds, env_id])} (where present), then --config,"
-            " the flags and --set",
+            f"# config: {config_file}: sections {', '.join(['default', *kinds, env_id])} (where present), "
+            "then --config, the flags and --set",
         ]
     )
