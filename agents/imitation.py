@@ -75,6 +75,19 @@ class Demos:
     def starts(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.episode_lengths)[:-1]]).astype(np.int64)
 
+    def subset(self, episodes: np.ndarray) -> Demos:
+        """The demonstrations of ``episodes`` (indices, in that order)."""
+        starts, lengths = self.starts[episodes], self.episode_lengths[episodes]
+        steps = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+        per_step = {k: getattr(self, k)[steps] for k in ("frames", "actions", "rewards", "states")}
+        return Demos(**per_step, episode_lengths=lengths, episode_returns=self.episode_returns[episodes],
+                     meta=dict(self.meta))  # fmt: skip
+
+    def concat(self, other: Any) -> Demos:
+        """These episodes, then ``other``'s (a :class:`Demos` or :class:`rims_rl.agents.dagger.Played`)."""
+        return Demos(**{k: np.concatenate([getattr(self, k), getattr(other, k)]) for k in DEMO_KEYS},
+                     meta=dict(self.meta))  # fmt: skip
+
     def save(self, path: str | Path) -> Path:
         """Compressed ``.npz``, written beside and renamed over ``path`` (never half a file)."""
         path = Path(path)
@@ -316,6 +329,7 @@ class _Batches:
         self.actions = th.from_numpy(demos.actions).to(device)
         self.starts = demos.starts[episodes]
         self.lengths = demos.episode_lengths[episodes]
+        self.n = len(episodes)
         self.frame_stack = frame_stack
 
     def window(self, eps: np.ndarray, t0: int, seq_len: int) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
@@ -333,6 +347,18 @@ class _Batches:
         return obs, self.actions[step_idx], th.from_numpy(valid).to(self.device)
 
 
+def random_shift(obs: th.Tensor, pad: int) -> th.Tensor:
+    """DrQ's random shift (Kostrikov et al., 2020) for sequences: each episode's window ``(L, B, S, S, C)`` is padded
+    by ``pad`` pixels (edge pixels repeated) and cropped back to ``S x S`` at one random offset per episode, the same
+    for all its steps and stacked frames (so the motion between frames is kept). Uses torch's global generator."""
+    L, B, S, _, C = obs.shape
+    x = obs.permute(1, 0, 4, 2, 3).reshape(B, L * C, S, S).float()
+    x = nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+    offsets = th.randint(0, 2 * pad + 1, (B, 2)).tolist()
+    crops = th.stack([x[b, :, dy : dy + S, dx : dx + S] for b, (dy, dx) in enumerate(offsets)])
+    return crops.view(B, L, C, S, S).permute(1, 0, 3, 4, 2).to(obs.dtype)
+
+
 def _masked_mse(pred: th.Tensor, target: th.Tensor, valid: th.Tensor) -> th.Tensor:
     err = ((pred - target) ** 2).mean(-1)
     return (err * valid).sum() / valid.sum().clamp(min=1)
@@ -344,13 +370,16 @@ def _sweep(
     eps: np.ndarray,
     seq_len: int,
     step: Callable[[th.Tensor], None] | None,
+    shift_pad: int = 0,
 ) -> tuple[float, int]:
-    """One pass over episodes ``eps`` side by side in windows; ``step(loss)`` after each window when training.
-    Returns the step-weighted mean loss and the number of windows."""
+    """One pass over episodes ``eps`` side by side in windows; ``step(loss)`` after each window when training;
+    ``shift_pad`` > 0: :func:`random_shift` the frames. Returns the step-weighted mean loss and the window count."""
     state = policy.initial_state(len(eps), batches.device)
     total, count, windows = 0.0, 0, 0
     for t0 in range(0, int(batches.lengths[eps].max()), seq_len):
         obs, target, valid = batches.window(eps, t0, seq_len)
+        if shift_pad:
+            obs = random_shift(obs, shift_pad)
         pred, state, _ = policy(obs, state)
         loss = _masked_mse(pred, target, valid)
         if step is not None:
@@ -386,7 +415,8 @@ def train_imitation(
     session = _ImitationSession(cfg, run_dir, resume)
     info, wandb_run = session.info, session.start_wandb()
     try:
-        while session.epoch < cfg.epochs:
+        while session.epoch < cfg.total_epochs:
+            session.play_dagger_rounds(stop)
             row = session.train_epoch(stop)
             session.save()
             if wandb_run is not None:
@@ -412,7 +442,8 @@ class _ImitationSession:
     """The state of a behaviour-cloning run: demos split into training and validation episodes, the policy, its
     optimiser, the epoch count, history and RNGs (restored from ``checkpoint.pt`` on resume)."""
 
-    FIELDS = ("epoch", "updates", "train_loss", "val_loss", "seqs_per_s", "steps_per_s", "seconds")
+    FIELDS = ("epoch", "updates", "episodes", "train_loss", "val_loss", "seqs_per_s", "steps_per_s", "seconds",
+              "dagger_round", "dagger_return")  # fmt: skip
 
     def __init__(self, cfg: ImitationConfig, run_dir: Path, resume: bool) -> None:
         from rims_rl.agents.training import _write_json
@@ -430,18 +461,21 @@ class _ImitationSession:
             raise ValueError(
                 f"val_episodes={cfg.val_episodes} leaves no training episode in {cfg.demos} ({demos.episodes} episodes)"
             )
-        device = _device(cfg.device)
+        self.demos = demos.subset(np.arange(self.n_train))
+        device = self.device = _device(cfg.device)
         th.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.policy = _policy_for(cfg, self.meta).to(device)
         self.optimizer = th.optim.Adam(self.policy.parameters(), lr=cfg.learning_rate)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.epoch, self.history, self.info = 0, [], {}
+        self.played: Demos | None = None  # DAgger's episodes so far (dagger.npz)
+        self.dagger_rounds, self.dagger_return = 0, math.nan
         if resume:
             self._load()
         else:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        self.train_b = _Batches(demos, np.arange(self.n_train), cfg.frame_stack, device)
+        self._set_training_data()
         held_out = np.arange(self.n_train, demos.episodes)
         self.val_b = _Batches(demos, held_out, cfg.frame_stack, device) if cfg.val_episodes else None
         self.info.update(
@@ -468,6 +502,50 @@ class _ImitationSession:
             _write_json(self.run_dir / "run.json", self.info)
         return wandb_run
 
+    def _set_training_data(self) -> None:
+        data = self.demos if self.played is None else self.demos.concat(self.played)
+        self.train_b = _Batches(data, np.arange(data.episodes), self.cfg.frame_stack, self.device)
+
+    def play_dagger_rounds(self, stop: Any | None) -> None:
+        """Play the DAgger rounds due before the next epoch (:class:`rims_rl.config.DaggerConfig`): the clone's
+        episodes, labelled by the expert, join the training set and ``dagger.npz`` (written whole, for resume)."""
+        from rims_rl.agents.dagger import play_and_label
+
+        cfg, d = self.cfg, self.cfg.dagger
+        while self.dagger_rounds < cfg.dagger_round_due(self.epoch):
+            r = self.dagger_rounds + 1
+
+            def check() -> None:
+                if stop is not None and stop.requested:
+                    raise ImitationInterrupted(self.run_dir, self.epoch, getattr(stop, "signal_name", "a signal"))
+
+            played = play_and_label(
+                self._acting(), d.expert or _shipped_expert(), episodes=d.episodes, beta=d.beta**r,
+                seed=1_000_000 + 10_000 * cfg.seed + d.episodes * (r - 1), size=self.meta["size"],
+                frame_stack=cfg.frame_stack, camera=self.meta["camera"], max_steps=d.max_steps, check=check,
+            )  # fmt: skip
+            played_demos = Demos(**{k: getattr(played, k) for k in DEMO_KEYS}, meta={"dagger_rounds": r})
+            self.played = played_demos if self.played is None else self.played.concat(played_demos)
+            self.played.meta = {"dagger_rounds": r}
+            self.played.save(self.run_dir / "dagger.npz")
+            self.dagger_rounds, self.dagger_return = r, float(played.episode_returns.mean())
+            self._set_training_data()
+
+    def _acting(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """The policy as DAgger's ``act(obs, starts)``: greedy actions, the recurrent state carried between calls."""
+        policy, state = self.policy, None
+
+        def act(obs: np.ndarray, starts: np.ndarray) -> np.ndarray:
+            nonlocal state
+            policy.eval()
+            with th.no_grad():
+                x = th.as_tensor(obs, device=self.device)[None]
+                reset = th.as_tensor(starts, device=self.device)[None]
+                action, state, _ = policy(x, state, reset)
+            return action[0].cpu().numpy()
+
+        return act
+
     def train_epoch(self, stop: Any | None) -> dict[str, Any]:
         """One pass over the training episodes (in a random order, ``batch_size`` side by side), then the
         validation loss; the epoch's row is appended to the history and returned."""
@@ -481,13 +559,15 @@ class _ImitationSession:
             nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
 
-        order = self.rng.permutation(self.n_train)
+        n_train = self.train_b.n
+        order = self.rng.permutation(n_train)
         start = time.perf_counter()
         policy.train()
         losses, weights, windows = [], [], 0
-        for i in range(0, self.n_train, cfg.batch_size):
+        shift = cfg.shift_pad if cfg.augment == "shift" else 0
+        for i in range(0, n_train, cfg.batch_size):
             eps = order[i : i + cfg.batch_size]
-            loss, n = _sweep(policy, self.train_b, eps, cfg.seq_len, update)
+            loss, n = _sweep(policy, self.train_b, eps, cfg.seq_len, update, shift)
             losses.append(loss)
             weights.append(int(self.train_b.lengths[eps].sum()))
             windows += n * len(eps)
@@ -498,16 +578,20 @@ class _ImitationSession:
             with th.no_grad():
                 val_loss, _ = _sweep(policy, self.val_b, np.arange(cfg.val_episodes), cfg.seq_len, None)
         self.epoch += 1
-        updates = windows // min(cfg.batch_size, self.n_train)
+        updates = windows // min(cfg.batch_size, n_train)
         row = {
             "epoch": self.epoch,
             "updates": (self.history[-1]["updates"] if self.history else 0) + updates,
+            "episodes": n_train,
             "train_loss": float(np.average(losses, weights=weights)),
             "val_loss": float(val_loss),
             "seqs_per_s": windows / seconds,
             "steps_per_s": float(self.train_b.lengths.sum()) / seconds,
             "seconds": seconds,
+            "dagger_round": self.dagger_rounds,
+            "dagger_return": self.dagger_return,
         }
+        self.dagger_return = math.nan  # reported once, on the epoch after its round
         self.history.append(row)
         return row
 
@@ -516,6 +600,7 @@ class _ImitationSession:
         ckpt = {
             "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
             "history": self.history, "numpy_rng": self.rng.bit_generator.state, "torch_rng": th.get_rng_state(),
+            "dagger_rounds": self.dagger_rounds,
         }  # fmt: skip
         th.save(ckpt, self.run_dir / "checkpoint.tmp.pt")
         (self.run_dir / "checkpoint.tmp.pt").replace(self.run_dir / "checkpoint.pt")
@@ -533,6 +618,17 @@ class _ImitationSession:
         self.rng.bit_generator.state = ckpt["numpy_rng"]
         th.set_rng_state(ckpt["torch_rng"])
         self.info = json.loads((self.run_dir / "run.json").read_text())
+        # A round whose epochs were not checkpointed yet is kept (dagger.npz is written when the round ends): the
+        # clone that played it is the checkpoint's, so replaying it would give the same episodes.
+        if (self.run_dir / "dagger.npz").is_file():
+            self.played = load_demos(self.run_dir / "dagger.npz")
+            self.dagger_rounds = int(self.played.meta["dagger_rounds"])
+
+
+def _shipped_expert() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("rims_rl.experts"))) / "HalfCheetah-v5.pt"
 
 
 def load_imitation_run(run_dir: str | Path, device: str = "cpu") -> tuple[ImitationConfig, PixelPolicy]:

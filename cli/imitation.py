@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from datetime import datetime
 from importlib.resources import files
@@ -151,13 +152,16 @@ def cmd_imitate(args: argparse.Namespace) -> int:
     stop.install()
 
     def on_epoch(row: dict[str, Any]) -> None:
+        played = row.get("dagger_return", math.nan)
+        dagger = f", DAgger round {row['dagger_round']} played {played:.0f}" if not math.isnan(played) else ""
         print(
-            f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
-            f"{row['seqs_per_s']:.1f} seqs/s ({row['steps_per_s']:.0f} steps/s)",
+            f"epoch {row['epoch']}/{cfg.total_epochs}{dagger}: train loss {row['train_loss']:.4f}, "
+            f"val loss {row['val_loss']:.4f}, {row['seqs_per_s']:.1f} seqs/s ({row['steps_per_s']:.0f} steps/s)",
             file=sys.stderr,
         )
 
-    print(f"behaviour cloning {cfg.policy} on {cfg.demos} for {cfg.epochs} epochs -> {run_dir}")
+    rounds = f", then {cfg.dagger.rounds} DAgger rounds of {cfg.dagger.epochs}" if cfg.dagger.rounds else ""
+    print(f"behaviour cloning {cfg.policy} on {cfg.demos} for {cfg.epochs} epochs{rounds} -> {run_dir}")
     try:
         info = train_imitation(cfg, run_dir, resume=bool(args.resume), stop=stop, on_epoch=on_epoch)
     except ImitationInterrupted as err:

@@ -37,6 +37,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "CopyingConfig",
+    "DaggerConfig",
     "EvalConfig",
     "ImitationConfig",
     "LSTMConfig",
@@ -339,6 +340,23 @@ class TrainConfig(_Section):
         return data
 
 
+class DaggerConfig(_Section):
+    """DAgger rounds after behaviour cloning (Ross et al., 2011; not in the paper): the clone drives, the expert labels.
+
+    Each round plays ``episodes`` episodes of the pixel env in which each step's action is the expert's with
+    probability ``beta ** round`` and the clone's otherwise, labels every step with the expert's action on the true
+    state, adds the episodes to the training set and trains ``epochs`` more epochs on all of it."""
+
+    rounds: int = Field(
+        0, ge=0, description="DAgger rounds after the `epochs` of behaviour cloning (0: BC only, the paper's)"
+    )
+    episodes: int = Field(4, ge=1, description="episodes played (side by side) and labelled per round")
+    epochs: int = Field(2, ge=1, description="epochs over the grown training set after each round")
+    beta: float = Field(0.5, ge=0, le=1, description="round r executes the expert's action with probability beta**r")
+    expert: str = Field("", description="expert .pt or run directory labelling the steps (empty: the shipped one)")
+    max_steps: int | None = Field(None, ge=1, description="cut the played episodes at N steps (None: 1000)")
+
+
 class ImitationConfig(_Section):
     """Behaviour cloning from pixels (``rims-rl imitate``; paper App. C.7): conv encoder -> recurrent core -> head."""
 
@@ -357,9 +375,26 @@ class ImitationConfig(_Section):
         3, ge=0, description="env episodes played after training, without and with perturbation (0: none)"
     )
     eval_max_steps: int | None = Field(None, ge=1, description="cut evaluation episodes at N steps (None: 1000)")
+    augment: Literal["none", "shift"] = Field(
+        "none", description="training-frame augmentation: `shift` moves each window's frames by up to `shift_pad` px"
+    )
+    shift_pad: int = Field(4, ge=1, description="`augment: shift`: pad by this many pixels, crop at a random offset")
     seed: int = Field(0, ge=0, description="random seed (torch, numpy, evaluation envs)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     rim: RIMConfig = Field(default_factory=lambda: RIMConfig(k_active=3))
+    dagger: DaggerConfig = Field(default_factory=DaggerConfig)
+
+    @property
+    def total_epochs(self) -> int:
+        """``epochs`` of behaviour cloning, then ``dagger.epochs`` after each of the ``dagger.rounds``."""
+        return self.epochs + self.dagger.rounds * self.dagger.epochs
+
+    def dagger_round_due(self, epoch: int) -> int:
+        """How many DAgger rounds must have been played before training epoch ``epoch + 1``."""
+        if not self.dagger.rounds or epoch < self.epochs:
+            return 0
+        return min(self.dagger.rounds, (epoch - self.epochs) // self.dagger.epochs + 1)
+
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 

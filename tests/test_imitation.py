@@ -223,3 +223,98 @@ def test_shipped_expert_scores_its_recorded_return():
     actor = load_expert(DEFAULT_EXPERT)
     returns = evaluate_expert(actor, "HalfCheetah-v5", episodes=2, seed=123)
     assert np.mean(returns) > 0.8 * record["return_mean"] > 0
+
+
+def test_random_shift_moves_a_whole_window_by_one_offset():
+    from rims_rl.agents.imitation import random_shift
+
+    gen = th.Generator().manual_seed(0)
+    obs = th.randint(0, 256, (5, 3, 16, 16, 6), dtype=th.uint8, generator=gen)
+    th.manual_seed(1)
+    shifted = random_shift(obs, 2)
+    assert shifted.shape == obs.shape and shifted.dtype == th.uint8
+    th.manual_seed(1)
+    offsets = th.randint(0, 5, (3, 2)).tolist()
+    padded = th.nn.functional.pad(obs.permute(1, 0, 4, 2, 3).float().flatten(1, 2), (2, 2, 2, 2), mode="replicate")
+    for b, (dy, dx) in enumerate(offsets):  # every step and channel of episode b moved by the same (dy, dx)
+        crop = padded[b, :, dy : dy + 16, dx : dx + 16].view(5, 6, 16, 16).permute(0, 2, 3, 1)
+        assert th.equal(shifted[:, b], crop.to(th.uint8))
+    assert not th.equal(shifted, obs)  # seed 1 draws at least one non-zero shift
+    centred = th.nn.functional.pad(obs.permute(1, 0, 4, 2, 3).float(), (0, 0))  # offset (2, 2) is the identity
+    assert th.equal(padded[:, :, 2:18, 2:18].view(3, 5, 6, 16, 16), centred)
+
+
+def test_dagger_with_beta_one_replays_the_expert_and_labels_every_step(untrained_expert: Path):
+    """At beta = 1 every executed action is the expert's, so DAgger's episodes are the expert's demonstrations
+    (same seeds); the labels are the expert's actions on the recorded true states."""
+    from rims_rl.agents.dagger import play_and_label
+
+    calls = []
+
+    def act(obs: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        calls.append(starts.copy())
+        assert obs.shape == (2, 64, 64, 12) and obs.dtype == np.uint8
+        return np.zeros((2, 6), np.float32)
+
+    played = play_and_label(act, untrained_expert, episodes=2, beta=1.0, seed=7, max_steps=15)
+    demos = record_demos(untrained_expert, 2, seed=7, max_steps=15)
+    assert list(played.episode_lengths) == [15, 15] and len(calls) == 15
+    assert calls[0].all() and not any(c.any() for c in calls[1:])
+    # The expert labels both episodes in one batched call, the recorder one state at a time: the actions differ in
+    # the last float bit (~1e-7), which moves the states by ~1e-6 and a few pixels by one intensity level.
+    assert np.abs(played.frames.astype(int) - demos.frames).max() <= 1
+    assert (played.frames != demos.frames).mean() < 1e-3
+    for key in ("actions", "states", "rewards"):
+        assert np.allclose(getattr(played, key), getattr(demos, key), atol=1e-5), key
+    actor = load_expert(untrained_expert)
+    assert np.allclose(actor.predict(played.states, deterministic=True)[0], played.actions, atol=1e-5)
+    # At beta = 0 the clone drives (zero torques here): other states, still labelled by the expert.
+    idle = play_and_label(act, untrained_expert, episodes=2, beta=0.0, seed=7, max_steps=15)
+    assert not np.allclose(idle.states, played.states)
+    assert np.allclose(actor.predict(idle.states, deterministic=True)[0], idle.actions, atol=1e-5)
+
+
+def test_dagger_rounds_grow_the_training_set_and_resume(demos_file: Path, untrained_expert: Path, tmp_path: Path):
+    from rims_rl.agents.imitation import ImitationInterrupted
+
+    dagger = {"rounds": 2, "episodes": 2, "epochs": 1, "beta": 0.5, "expert": str(untrained_expert), "max_steps": 12}
+    cfg = ImitationConfig.model_validate(
+        {**TINY, "policy": "gru", "demos": str(demos_file), "epochs": 1, "augment": "shift", "dagger": dagger}
+    )
+    assert cfg.total_epochs == 3
+    straight = train_imitation(cfg, tmp_path / "a")
+    rows = th.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["history"]
+    assert [r["episodes"] for r in rows] == [2, 4, 6] and [r["dagger_round"] for r in rows] == [0, 1, 2]
+    assert np.isnan(rows[0]["dagger_return"]) and all(np.isfinite(r["dagger_return"]) for r in rows[1:])
+    played = load_demos(tmp_path / "a" / "dagger.npz")
+    assert played.episodes == 4 and played.meta["dagger_rounds"] == 2 and len(played.frames) == 48
+
+    class StopInThirdEpoch:  # a SIGINT during the epoch after the second round (its episodes already saved)
+        def __init__(self) -> None:
+            self.calls, self.signal_name = 0, "SIGINT"
+
+        @property
+        def requested(self) -> bool:
+            self.calls += 1
+            return self.calls > 30  # one check per window and per played step: early in epoch 3
+
+    with pytest.raises(ImitationInterrupted):
+        train_imitation(cfg, tmp_path / "b", stop=StopInThirdEpoch())
+    assert th.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert load_demos(tmp_path / "b" / "dagger.npz").episodes == 4  # round 2 was kept, not replayed on resume
+    resumed = train_imitation(cfg, tmp_path / "b", resume=True)
+    assert resumed["epochs"] == 3
+    assert resumed["final"]["train_loss"] == pytest.approx(straight["final"]["train_loss"], rel=1e-6)
+
+
+def test_perturbed_evaluation_is_seeded_and_reproducible():
+    from rims_rl.agents.imitation import evaluate_pixel_policy
+
+    cfg = ImitationConfig.model_validate({**TINY, "policy": "gru"})
+    th.manual_seed(0)
+    policy = PixelPolicy(cfg, size=64, frame_stack=4, action_dim=6)
+    run = [evaluate_pixel_policy(policy, perturb="joints", episodes=2, seed=s, max_steps=60) for s in (3, 3, 4)]
+    assert run[0].returns == run[1].returns  # same seeds: the same noise, the same episodes
+    assert run[0].returns != run[2].returns
+    plain = evaluate_pixel_policy(policy, perturb="none", episodes=2, seed=3, max_steps=60)
+    assert plain.returns != run[0].returns
