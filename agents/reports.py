@@ -23,19 +23,26 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
 __all__ = [
+    "PAPER_TABLE6",
     "GroupSummary",
+    "ImitationGroup",
     "RunCurve",
     "area_under_curve",
     "bootstrap_band",
     "compare",
     "find_runs",
+    "imitation_groups",
+    "imitation_method",
+    "imitation_table",
     "load_curve",
     "mean_curve",
+    "plot_imitation",
 ]
 
 STEP = "time/total_timesteps"
@@ -266,3 +273,121 @@ def _tables(summaries: list[GroupSummary], out: Path, metric: str) -> list[Path]
     lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return [csv_path, md_path]
+
+
+# ================================================================================================================
+# Imitation (paper Table 6): returns without and with perturbation, per method, over seeds
+# ================================================================================================================
+PAPER_TABLE6 = {  # method -> (unperturbed, perturbed) as "mean +- std" (the paper's Table 6)
+    "LSTM": ("5400 +- 100", "2500 +- 300"),
+    "RIMs (k_T=6, k_A=3)": ("5300 +- 200", "3800 +- 200"),
+    "RIMs (k_T=6, k_A=6)": ("5500 +- 100", "2700 +- 400"),
+}
+
+
+@dataclass
+class ImitationGroup:
+    """One method's evaluated runs: ``returns[spec][seed]`` is the list of that seed's episode returns."""
+
+    method: str
+    returns: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+
+    def seeds(self, spec: str) -> list[int]:
+        return sorted(self.returns.get(spec, {}))
+
+    def cell(self, spec: str) -> str:
+        """``mean [low, high]``: the mean over seeds of each seed's mean return, and its 95% interval (a bootstrap
+        over seeds; with one seed, over that seed's episodes, marked ``ep``)."""
+        per_seed = self.returns.get(spec, {})
+        if not per_seed:
+            return "-"
+        means = np.array([np.mean(r) for r in per_seed.values()])
+        samples = means if len(means) > 1 else np.asarray(next(iter(per_seed.values())), float)
+        low, high = bootstrap_band(samples[:, None])
+        mark = "" if len(means) > 1 else " ep"
+        return f"{means.mean():.0f} [{low[0]:.0f}, {high[0]:.0f}{mark}]"
+
+
+def imitation_method(cfg: Any) -> str:
+    """The row name of an imitation run's config, as in the paper's Table 6."""
+    if cfg.policy == "rims":
+        return f"RIMs (k_T={cfg.rim.num_units}, k_A={cfg.rim.k_active})"
+    return f"{cfg.policy.upper()} ({cfg.hidden_size})"
+
+
+def imitation_groups(run_dirs: Iterable[Path]) -> list[ImitationGroup]:
+    """Runs' ``perturb.json`` grouped by method (:func:`imitation_method`), each seed's returns per perturbation."""
+    from rims_rl.config import ImitationConfig
+
+    groups: dict[str, ImitationGroup] = {}
+    for run_dir in run_dirs:
+        cfg = ImitationConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        name = imitation_method(cfg)
+        group = groups.setdefault(name, ImitationGroup(name))
+        for spec, result in json.loads((run_dir / "perturb.json").read_text()).items():
+            group.returns.setdefault(spec, {}).setdefault(cfg.seed, []).extend(result["returns"])
+    return [groups[k] for k in sorted(groups)]
+
+
+def imitation_table(groups: list[ImitationGroup], specs: list[str]) -> str:
+    """Markdown: per method the seeds and, per perturbation spec, the mean over seeds with its 95% interval; then
+    every seed's mean return; then the paper's Table 6."""
+    head = "| method | seeds | " + " | ".join(specs) + " |"
+    lines = [head, "|---" * (len(specs) + 2) + "|"]
+    for g in groups:
+        seeds = sorted({s for spec in specs for s in g.seeds(spec)})
+        lines.append(f"| {g.method} | {len(seeds)} | " + " | ".join(g.cell(s) for s in specs) + " |")
+    lines += ["", "| method | seed | " + " | ".join(specs) + " |", "|---" * (len(specs) + 2) + "|"]
+    for g in groups:
+        for seed in sorted({s for spec in specs for s in g.seeds(spec)}):
+            cells = []
+            for spec in specs:
+                r = g.returns.get(spec, {}).get(seed)
+                cells.append(f"{np.mean(r):.0f} +- {np.std(r):.0f} ({len(r)})" if r else "-")
+            lines.append(f"| {g.method} | {seed} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Means over seeds of each seed's mean return, 95% bootstrap interval over seeds (`ep`: one seed, interval "
+        "over its episodes); per seed: mean +- std (episodes).",
+        "Paper (Table 6, unperturbed / perturbed): "
+        + "; ".join(f"{k} {u} / {p}" for k, (u, p) in PAPER_TABLE6.items()),
+    ]
+    return "\n".join(lines)
+
+
+def plot_imitation(groups: list[ImitationGroup], specs: list[str], path: Path) -> Path:
+    """Return against the joint-noise scale (``none`` is 0; a spec's scale is its joint-angle std in rad): one
+    line per method, the mean over seeds with its 95% interval as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rims_rl.envs.cheetah import parse_perturb
+
+    scales = {spec: parse_perturb(spec).qpos_scale for spec in specs}
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for g in groups:
+        xs, ys, errs = [], [], []
+        for spec in sorted(specs, key=scales.get):
+            per_seed = g.returns.get(spec, {})
+            if not per_seed:
+                continue
+            means = np.array([np.mean(r) for r in per_seed.values()])
+            samples = means if len(means) > 1 else np.asarray(next(iter(per_seed.values())), float)
+            low, high = bootstrap_band(samples[:, None])
+            xs.append(scales[spec])
+            ys.append(means.mean())
+            errs.append((means.mean() - low[0], high[0] - means.mean()))
+        seeds = len({s for spec in specs for s in g.seeds(spec)})
+        ax.errorbar(xs, ys, yerr=np.array(errs).T, marker="o", capsize=3,
+                    label=f"{g.method} ({seeds} seed{'s' if seeds > 1 else ''})")  # fmt: skip
+    ax.set_xlabel("joint-angle noise std (rad), every 50 steps")
+    ax.set_ylabel("return (1000 steps)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle("Half-Cheetah from pixels: mean over seeds, 95% interval", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -23,11 +23,6 @@ from rims_rl.cli.common import UsageError, check_device, signal_exit_code
 from rims_rl.config import resolve_imitation_config
 
 DEFAULT_EXPERT = Path(str(files("rims_rl.experts"))) / "HalfCheetah-v5.pt"
-PAPER_TABLE6 = {  # method -> (unperturbed, perturbed) as "mean +- std" (the paper's Table 6)
-    "LSTM": ("5400 +- 100", "2500 +- 300"),
-    "RIMs (k_T=6, k_A=3)": ("5300 +- 200", "3800 +- 200"),
-    "RIMs (k_T=6, k_A=6)": ("5500 +- 100", "2700 +- 400"),
-}
 
 
 def is_imitation_run(run_dir: Path) -> bool:
@@ -238,47 +233,16 @@ def evaluate_perturb(args: argparse.Namespace, run_dir: Path) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def method_name(cfg: Any) -> str:
-    if cfg.policy == "rims":
-        return f"RIMs (k_T={cfg.rim.num_units}, k_A={cfg.rim.k_active})"
-    return f"{cfg.policy.upper()} ({cfg.hidden_size})"
-
-
-def imitation_table(run_dirs: list[Path], perturbed: str = "joints") -> tuple[str, list[dict[str, Any]]]:
-    """Markdown table (method, unperturbed, perturbed: mean +- std over every episode of every run, runs) and rows."""
-    import numpy as np
-    import yaml
-
-    from rims_rl.config import ImitationConfig
-
-    groups: dict[str, dict[str, list[float]]] = {}
-    seeds: dict[str, set[int]] = {}
-    for run_dir in run_dirs:
-        cfg = ImitationConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-        data = json.loads((run_dir / "perturb.json").read_text())
-        name = method_name(cfg)
-        group = groups.setdefault(name, {"none": [], perturbed: []})
-        seeds.setdefault(name, set()).add(cfg.seed)
-        for key in ("none", perturbed):
-            if key in data:
-                group[key] += data[key]["returns"]
-
-    def cell(values: list[float]) -> str:
-        return f"{np.mean(values):.0f} +- {np.std(values):.0f} ({len(values)})" if values else "-"
-
-    lines = [
-        f"| method | unperturbed | perturbed ({perturbed}) | seeds |",
-        "|---|---|---|---|",
-    ]
-    rows = []
-    for name, group in sorted(groups.items()):
-        lines.append(f"| {name} | {cell(group['none'])} | {cell(group[perturbed])} | {len(seeds[name])} |")
-        rows.append({"method": name, "none": group["none"], perturbed: group[perturbed], "seeds": sorted(seeds[name])})
-    lines += ["", "Paper (Table 6): " + "; ".join(f"{k} {u} / {p}" for k, (u, p) in PAPER_TABLE6.items())]
-    return "\n".join(lines), rows
-
-
 def cmd_imitation_table(args: argparse.Namespace) -> int:
+    from rims_rl.agents.reports import imitation_groups, imitation_table, plot_imitation
+    from rims_rl.envs.cheetah import parse_perturb
+
+    specs = ["none"] + [s.strip() for item in args.perturbed for s in item.split(",") if s.strip() and s != "none"]
+    for spec in specs:
+        try:
+            parse_perturb(spec)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     runs: list[Path] = []
     for root in map(Path, args.runs):
         if not root.exists():
@@ -289,11 +253,14 @@ def cmd_imitation_table(args: argparse.Namespace) -> int:
         raise UsageError(
             f"no evaluated imitation runs in {' '.join(args.runs)} (evaluate them with --perturb none,joints first)"
         )
-    table, _ = imitation_table(runs, args.perturbed)
+    groups = imitation_groups(runs)
+    table = imitation_table(groups, specs)
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
         print(f"-> {args.out}")
+    if args.figure:
+        print(f"-> {plot_imitation(groups, specs, Path(args.figure))}")
     return 0
 
 
@@ -349,9 +316,12 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser(
         "imitation-table", help="Table 6: imitation returns without and with perturbation, per method",
-        description="The Table-6-shaped table of evaluated imitation runs (mean +- std over episodes and seeds).",
+        description="The Table-6-shaped table of evaluated imitation runs: per method and perturbation the mean over "
+        "seeds with its 95% interval, then every seed's mean.",
     )  # fmt: skip
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="imitation run directories, or folders holding them")
-    p.add_argument("--perturbed", default="joints", help="which perturbation is the perturbed column (default joints)")
+    p.add_argument("--perturbed", nargs="+", default=["joints"], metavar="SPEC",
+                   help="perturbations shown beside `none`, e.g. joints joints:0.5 (default joints)")  # fmt: skip
     p.add_argument("--out", help="also write the table to this Markdown file")
+    p.add_argument("--figure", help="also plot return against the perturbation scale to this image file")
     p.set_defaults(func=cmd_imitation_table)

@@ -184,7 +184,7 @@ def test_cli_imitate_then_evaluate_with_and_without_perturbation(demos_file: Pat
     assert results[0]["returns"][0] == pytest.approx(data["none"]["returns"][0], rel=1e-5)
     assert main(["imitation-table", str(tmp_path)]) == 0
     table = capsys.readouterr().out
-    assert "RIMs (k_T=4, k_A=2)" in table and "Paper (Table 6)" in table
+    assert "RIMs (k_T=4, k_A=2)" in table and "Paper (Table 6, unperturbed / perturbed)" in table
 
 
 def test_cli_bad_input_is_one_line(demos_file: Path, tmp_path: Path, capsys):
@@ -318,3 +318,34 @@ def test_perturbed_evaluation_is_seeded_and_reproducible():
     assert run[0].returns != run[2].returns
     plain = evaluate_pixel_policy(policy, perturb="none", episodes=2, seed=3, max_steps=60)
     assert plain.returns != run[0].returns
+
+
+def test_imitation_table_shows_seeds_means_and_intervals_and_plots(tmp_path: Path, capsys):
+    import yaml
+
+    def fake_run(name: str, policy: str, seed: int, returns: dict[str, list[float]]) -> None:
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        cfg = ImitationConfig.model_validate({"policy": policy, "seed": seed})
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
+        (run / "run.json").write_text(json.dumps({"kind": "imitation", "status": "finished"}))
+        (run / "perturb.json").write_text(json.dumps({k: {"returns": v} for k, v in returns.items()}))
+
+    fake_run("gru-s0", "gru", 0, {"none": [4000, 4200], "joints": [3000, 3000], "joints:0.5": [1000, 1200]})
+    fake_run("gru-s1", "gru", 1, {"none": [5000, 5000], "joints": [2000, 2400]})
+    fake_run("rims-s0", "rims", 0, {"none": [5000, 5400], "joints": [3800, 4200]})
+    figure = tmp_path / "fig.png"
+    argv = ["imitation-table", str(tmp_path / "runs"), "--perturbed", "joints", "joints:0.5", "--figure", str(figure)]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| method | seeds | none | joints | joints:0.5 |"
+    gru = next(line for line in lines if line.startswith("| GRU (600) | 2 |"))
+    # seed means 4100, 5000 and 3000, 2200; joints:0.5 has one seed, so its interval is over that seed's episodes
+    assert gru.endswith("| 4550 [4100, 5000] | 2600 [2200, 3000] | 1100 [1000, 1200 ep] |")
+    rims = next(line for line in lines if line.startswith("| RIMs (k_T=6, k_A=3) | 1 |"))
+    assert "5200 [5000, 5400 ep]" in rims and rims.endswith("| - |")  # one seed: the interval over its episodes
+    assert "| GRU (600) | 1 | 5000 +- 0 (2) | 2200 +- 200 (2) | - |" in lines
+    assert figure.is_file() and figure.stat().st_size > 10_000
+    with pytest.raises(SystemExit) as exit_info:
+        main(["imitation-table", str(tmp_path / "runs"), "--perturbed", "wobble"])
+    assert exit_info.value.code == 2 and "unknown perturbation 'wobble'" in capsys.readouterr().err
