@@ -155,7 +155,8 @@ def cmd_imitate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    rounds = f", then {cfg.dagger.rounds} DAgger rounds of {cfg.dagger.epochs}" if cfg.dagger.rounds else ""
+    d = cfg.dagger
+    rounds = f", then DAgger: {d.rounds} rounds x ({d.episodes} episodes, {d.epochs} epochs)" if d.rounds else ""
     print(f"behaviour cloning {cfg.policy} on {cfg.demos} for {cfg.epochs} epochs{rounds} -> {run_dir}")
     try:
         info = train_imitation(cfg, run_dir, resume=bool(args.resume), stop=stop, on_epoch=on_epoch)

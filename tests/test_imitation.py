@@ -170,11 +170,16 @@ def test_interrupted_imitation_resumes_where_it_stopped(demos_file: Path, tmp_pa
 def test_cli_imitate_then_evaluate_with_and_without_perturbation(demos_file: Path, tmp_path: Path, capsys):
     run = tmp_path / "run"
     sets = ["rim.num_units=4", "rim.unit_size=16", "rim.k_active=2", "seq_len=10", "batch_size=2", "head_size=32",
-            "eval_episodes=1", "eval_max_steps=30", "device=cpu"]  # fmt: skip
+            "eval_episodes=1", "eval_max_steps=30", "device=cpu", "dagger.rounds=1", "dagger.episodes=1",
+            "dagger.max_steps=20"]  # fmt: skip  (one short DAgger round labelled by the shipped expert)
     argv = ["imitate", "--demos", str(demos_file), "--policy", "rims", "--epochs", "1", "--wandb", "offline"]
     assert main([*argv, "--run-dir", str(run), *[a for s in sets for a in ("--set", s)]]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "none: return" in out and "joints: return" in out
+    assert "then DAgger: 1 rounds x (1 episodes, 1 epochs)" in out
+    assert "epoch 2/2, DAgger round 1 played" in captured.err
+    assert load_demos(run / "dagger.npz").episode_lengths.tolist() == [20]
     data = json.loads((run / "perturb.json").read_text())
     assert set(data) == {"none", "joints"} and data["joints"]["episodes"] == 1
     assert main(["evaluate", str(run), "--perturb", "none,joints:0.5", "--episodes", "2", "--json"]) == 0
