@@ -169,20 +169,10 @@ def test_interrupted_imitation_resumes_where_it_stopped(demos_file: Path, tmp_pa
 
 def test_cli_imitate_then_evaluate_with_and_without_perturbation(demos_file: Path, tmp_path: Path, capsys):
     run = tmp_path / "run"
-    sets = [
-        "rim.num_units=4",
-        "rim.unit_size=16",
-        "rim.k_active=2",
-        "seq_len=10",
-        "batch_size=2",
-        "head_size=32",
-        "eval_episodes=1",
-        "eval_max_steps=30",
-        "device=cpu",
-        "dagger.rounds=1",
-        "dagger.episodes=1",
-        "dagger.max_steps=20",
-    ]  # fmt: skip  (one short DAgger round labelled by the shipped expert)
+    # ... and one short DAgger round labelled by the shipped expert
+    sets = ["rim.num_units=4", "rim.unit_size=16", "rim.k_active=2", "seq_len=10", "batch_size=2", "head_size=32",
+            "eval_episodes=1", "eval_max_steps=30", "device=cpu", "dagger.rounds=1", "dagger.episodes=1",
+            "dagger.max_steps=20"]  # fmt: skip
     argv = ["imitate", "--demos", str(demos_file), "--policy", "rims", "--epochs", "1", "--wandb", "offline"]
     assert main([*argv, "--run-dir", str(run), *[a for s in sets for a in ("--set", s)]]) == 0
     captured = capsys.readouterr()
