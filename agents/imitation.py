@@ -14,10 +14,14 @@ LSTM), and two 256-unit ReLU layers to a tanh action (the paper's "two fully con
 Training (:func:`train_imitation`) runs ``batch_size`` training episodes side by side, each cut into consecutive
 windows of ``seq_len`` steps: one Adam step per window on the mean squared error to the expert's actions, the
 recurrent state carried from window to window and detached (truncated BPTT). The validation loss is the same error
-on held-out episodes, played whole with the state carried. A run directory holds ``config.yaml``, ``run.json``,
-``progress.csv`` (one row per epoch), ``checkpoint.pt`` (the newest epoch: model, optimizer, RNG; ``--resume``),
-``model.pt`` (the final policy), ``eval.json`` and ``perturb.json`` (``rims-rl evaluate --perturb``), and the W&B
-run (offline unless chosen otherwise).
+on held-out episodes, played whole with the state carried. ``augment: shift`` moves each training window's frames
+by a random offset (:func:`random_shift`). With ``dagger.rounds`` > 0 (the shipped config; not the paper's) the
+``epochs`` of behaviour cloning are followed by DAgger rounds (:mod:`rims_rl.agents.dagger`): the clone drives,
+the expert labels, the played episodes join the training set, ``dagger.epochs`` more epochs run. A run directory
+holds ``config.yaml``, ``run.json``, ``progress.csv`` (one row per epoch), ``checkpoint.pt`` (the newest epoch:
+model, optimizer, RNG; ``--resume``), ``dagger.npz`` (the played episodes), ``model.pt`` (the final policy),
+``eval.json`` and ``perturb.json`` (``rims-rl evaluate --perturb``), and the W&B run (offline unless chosen
+otherwise).
 """
 
 from __future__ import annotations
