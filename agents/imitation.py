@@ -52,6 +52,7 @@ __all__ = [
     "load_demos",
     "load_imitation_run",
     "record_demos",
+    "record_perturb",
     "train_imitation",
 ]
 
@@ -698,3 +699,15 @@ def evaluate_pixel_policy(
     finally:
         env.close()
     return PerturbResult(perturb, episodes, float(np.mean(returns)), float(np.std(returns)), returns, seed)
+
+
+def record_perturb(run_dir: Path, results: list[PerturbResult]) -> Path:
+    """Add (or replace) each result's entry, keyed by its perturbation spec, in ``run_dir/perturb.json``."""
+    path = run_dir / "perturb.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    for r in results:
+        data[r.perturb] = r.to_dict()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return path

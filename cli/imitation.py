@@ -110,7 +110,7 @@ def cmd_demos(args: argparse.Namespace) -> int:
 
 def cmd_imitate(args: argparse.Namespace) -> int:
     from rims_rl.agents.callbacks import GracefulStop
-    from rims_rl.agents.imitation import ImitationInterrupted, evaluate_pixel_policy, train_imitation
+    from rims_rl.agents.imitation import ImitationInterrupted, evaluate_pixel_policy, record_perturb, train_imitation
 
     if args.resume:
         import yaml
@@ -179,27 +179,16 @@ def cmd_imitate(args: argparse.Namespace) -> int:
             )
             for p in ("none", "joints")
         ]
-        _record_perturb(run_dir, results)
+        record_perturb(run_dir, results)
         for r in results:
             print(f"{r.perturb}: return {r.mean_return:.0f} +- {r.std_return:.0f} over {r.episodes} episodes")
     print(f"run directory: {run_dir}  (rims-rl evaluate {run_dir} --perturb none,joints)")
     return 0
 
 
-def _record_perturb(run_dir: Path, results: list[Any]) -> Path:
-    path = run_dir / "perturb.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    for r in results:
-        data[r.perturb] = r.to_dict()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
 def evaluate_perturb(args: argparse.Namespace, run_dir: Path) -> int:
     """``rims-rl evaluate RUN_DIR [--perturb SPEC[,SPEC]]`` on an imitation run."""
-    from rims_rl.agents.imitation import evaluate_pixel_policy, load_imitation_run
+    from rims_rl.agents.imitation import evaluate_pixel_policy, load_imitation_run, record_perturb
     from rims_rl.envs.cheetah import parse_perturb
 
     if args.env or args.split or args.drop_unit:
@@ -223,7 +212,7 @@ def evaluate_perturb(args: argparse.Namespace, run_dir: Path) -> int:
         evaluate_pixel_policy(policy, perturb=s, episodes=episodes, seed=seed, max_steps=cfg.eval_max_steps)
         for s in specs
     ]
-    path = _record_perturb(run_dir, results)
+    path = record_perturb(run_dir, results)
     if args.json:
         print(json.dumps([r.to_dict() for r in results]))
     else:

@@ -355,3 +355,28 @@ def test_imitation_table_shows_seeds_means_and_intervals_and_plots(tmp_path: Pat
     with pytest.raises(SystemExit) as exit_info:
         main(["imitation-table", str(tmp_path / "runs"), "--perturbed", "wobble"])
     assert exit_info.value.code == 2 and "unknown perturbation 'wobble'" in capsys.readouterr().err
+
+
+def test_cheetah_table_script_trains_evaluates_and_resumes(demos_file: Path, tmp_path: Path):
+    """scripts/cheetah_table.py at toy scale: two methods, one seed, one short DAgger round, the table and figure;
+    run again, it reads the finished runs instead of training them."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cheetah_table.py"
+    sets = ["rim.num_units=4", "rim.unit_size=16", "hidden_size=32", "head_size=32", "seq_len=10", "batch_size=2",
+            "val_episodes=1", "epochs=1", "eval_max_steps=15", "dagger.rounds=1", "dagger.episodes=1",
+            "dagger.max_steps=10"]  # fmt: skip
+    argv = [sys.executable, str(script), "--demos", str(demos_file), "--methods", "gru", "rims-k2", "--seeds", "0",
+            "--perturb", "joints", "--episodes", "1", "--jobs", "1", "--out", str(tmp_path),
+            "--set", *sets]  # fmt: skip
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "| GRU (32) | 1 |" in first.stdout and "| RIMs (k_T=4, k_A=2) | 1 |" in first.stdout
+    assert (tmp_path / "table.md").is_file() and (tmp_path / "perturbation.png").is_file()
+    stamp = (tmp_path / "gru-s0" / "model.pt").stat().st_mtime_ns
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    assert (tmp_path / "gru-s0" / "model.pt").stat().st_mtime_ns == stamp
+    bad = subprocess.run([*argv[:2], "--methods", "transformer"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown method transformer" in bad.stderr
