@@ -40,7 +40,7 @@ import torch as th
 import yaml
 from torch import nn
 
-from rims_rl.config import ImitationConfig
+from rims_rl.config import SHIPPED_EXPERT, ImitationConfig
 from rims_rl.rim import RIM
 
 __all__ = [
@@ -525,7 +525,7 @@ class _ImitationSession:
                     raise ImitationInterrupted(self.run_dir, self.epoch, getattr(stop, "signal_name", "a signal"))
 
             played = play_and_label(
-                self._acting(), d.expert or _shipped_expert(), episodes=d.episodes, beta=d.beta**r,
+                self._acting(), d.expert or SHIPPED_EXPERT, episodes=d.episodes, beta=d.beta**r,
                 seed=1_000_000 + 10_000 * cfg.seed + d.episodes * (r - 1), size=self.meta["size"],
                 frame_stack=cfg.frame_stack, camera=self.meta["camera"], max_steps=d.max_steps, check=check,
             )  # fmt: skip
@@ -605,7 +605,6 @@ class _ImitationSession:
         ckpt = {
             "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
             "history": self.history, "numpy_rng": self.rng.bit_generator.state, "torch_rng": th.get_rng_state(),
-            "dagger_rounds": self.dagger_rounds,
         }  # fmt: skip
         th.save(ckpt, self.run_dir / "checkpoint.tmp.pt")
         (self.run_dir / "checkpoint.tmp.pt").replace(self.run_dir / "checkpoint.pt")
@@ -628,12 +627,6 @@ class _ImitationSession:
         if (self.run_dir / "dagger.npz").is_file():
             self.played = load_demos(self.run_dir / "dagger.npz")
             self.dagger_rounds = int(self.played.meta["dagger_rounds"])
-
-
-def _shipped_expert() -> Path:
-    from importlib.resources import files
-
-    return Path(str(files("rims_rl.experts"))) / "HalfCheetah-v5.pt"
 
 
 def load_imitation_run(run_dir: str | Path, device: str = "cpu") -> tuple[ImitationConfig, PixelPolicy]:

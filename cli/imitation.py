@@ -15,14 +15,13 @@ import json
 import math
 import sys
 from datetime import datetime
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from rims_rl.cli.common import UsageError, check_device, signal_exit_code
-from rims_rl.config import resolve_imitation_config
+from rims_rl.config import SHIPPED_EXPERT, resolve_imitation_config
 
-DEFAULT_EXPERT = Path(str(files("rims_rl.experts"))) / "HalfCheetah-v5.pt"
+DEFAULT_EXPERT = SHIPPED_EXPERT
 
 
 def is_imitation_run(run_dir: Path) -> bool:

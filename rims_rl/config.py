@@ -31,6 +31,7 @@ __all__ = [
     "CONFIG_DIR",
     "DEFAULT_CONFIG",
     "KIND_SECTIONS",
+    "SHIPPED_EXPERT",
     "A2CConfig",
     "ActivationConfig",
     "AtariConfig",
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(str(files("rims_rl.configs")))
+SHIPPED_EXPERT = Path(str(files("rims_rl.experts"))) / "HalfCheetah-v5.pt"  # the SAC actor shipped as package data
 """The shipped YAML configs (package data: ``configs/`` in the checkout)."""
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 """The config of envs outside the project's families (chosen by their spaces)."""
@@ -353,7 +355,7 @@ class DaggerConfig(_Section):
     episodes: int = Field(4, ge=1, description="episodes played (side by side) and labelled per round")
     epochs: int = Field(2, ge=1, description="epochs over the grown training set after each round")
     beta: float = Field(0.5, ge=0, le=1, description="round r executes the expert's action with probability beta**r")
-    expert: str = Field("", description="expert .pt or run directory labelling the steps (empty: the shipped one)")
+    expert: str = Field("", description="expert .pt or run directory labelling the steps (empty: SHIPPED_EXPERT)")
     max_steps: int | None = Field(None, ge=1, description="cut the played episodes at N steps (None: 1000)")
 
 
