@@ -655,6 +655,7 @@ class PerturbResult:
     std_return: float
     returns: list[float] = field(repr=False)
     seed: int = 0
+    unit_activity: list[float] | None = None  # a RIM's fraction of steps each unit was active (None: GRU/LSTM)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -675,7 +676,8 @@ def evaluate_pixel_policy(
     device = next(policy.parameters()).device
     kwargs = {"max_episode_steps": max_steps} if max_steps else {}
     env = make_pixel_cheetah(size=policy.size, frame_stack=policy.frame_stack, perturb=perturb, **kwargs)
-    returns = []
+    returns: list[float] = []
+    active, steps = 0.0, 0
     policy.eval()
     try:
         for i in range(episodes):
@@ -684,14 +686,18 @@ def evaluate_pixel_policy(
             while not done:
                 with th.no_grad():
                     x = th.as_tensor(obs, device=device)[None, None]
-                    action, state, _ = policy(x, state)
+                    action, state, masks = policy(x, state)
+                if masks is not None:
+                    active = active + masks[0, 0].float().cpu().numpy()
+                    steps += 1
                 obs, reward, terminated, truncated, _ = env.step(action[0, 0].cpu().numpy())
                 total += float(reward)
                 done = terminated or truncated
             returns.append(total)
     finally:
         env.close()
-    return PerturbResult(perturb, episodes, float(np.mean(returns)), float(np.std(returns)), returns, seed)
+    activity = [round(float(a), 4) for a in np.atleast_1d(active / steps)] if steps else None
+    return PerturbResult(perturb, episodes, float(np.mean(returns)), float(np.std(returns)), returns, seed, activity)
 
 
 def record_perturb(run_dir: Path, results: list[PerturbResult]) -> Path:

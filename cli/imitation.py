@@ -180,9 +180,17 @@ def cmd_imitate(args: argparse.Namespace) -> int:
         ]
         record_perturb(run_dir, results)
         for r in results:
-            print(f"{r.perturb}: return {r.mean_return:.0f} +- {r.std_return:.0f} over {r.episodes} episodes")
+            print(describe_result(r))
     print(f"run directory: {run_dir}  (rims-rl evaluate {run_dir} --perturb none,joints)")
     return 0
+
+
+def describe_result(r: Any) -> str:
+    """One line per evaluation: the return and, for a RIM, how often each unit was active."""
+    line = f"{r.perturb}: return {r.mean_return:.1f} +- {r.std_return:.1f} over {r.episodes} episodes"
+    if r.unit_activity is not None:
+        line += "; units active " + " ".join(f"{a:.2f}" for a in r.unit_activity) + " of the steps"
+    return line
 
 
 def evaluate_perturb(args: argparse.Namespace, run_dir: Path) -> int:
@@ -216,7 +224,7 @@ def evaluate_perturb(args: argparse.Namespace, run_dir: Path) -> int:
         print(json.dumps([r.to_dict() for r in results]))
     else:
         for r in results:
-            print(f"{r.perturb}: return {r.mean_return:.1f} +- {r.std_return:.1f} over {r.episodes} episodes")
+            print(describe_result(r))
         print(f"-> {path}")
     return 0
 

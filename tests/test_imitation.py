@@ -183,6 +183,8 @@ def test_cli_imitate_then_evaluate_with_and_without_perturbation(demos_file: Pat
     assert load_demos(run / "dagger.npz").episode_lengths.tolist() == [20]
     data = json.loads((run / "perturb.json").read_text())
     assert set(data) == {"none", "joints"} and data["joints"]["episodes"] == 1
+    activity = data["none"]["unit_activity"]  # k_active = 2 of 4 units at every step: the fractions sum to 2
+    assert len(activity) == 4 and sum(activity) == pytest.approx(2.0, abs=1e-3) and "units active" in out
     assert main(["evaluate", str(run), "--perturb", "none,joints:0.5", "--episodes", "2", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["perturb"] for r in results] == ["none", "joints:0.5"] and all(len(r["returns"]) == 2 for r in results)
