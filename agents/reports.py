@@ -292,20 +292,29 @@ class ImitationGroup:
     method: str
     returns: dict[str, dict[int, list[float]]] = field(default_factory=dict)
 
-    def seeds(self, spec: str) -> list[int]:
-        return sorted(self.returns.get(spec, {}))
+    def seeds(self, specs: list[str]) -> list[int]:
+        """The seeds evaluated under any of ``specs``."""
+        return sorted({seed for spec in specs for seed in self.returns.get(spec, {})})
 
-    def cell(self, spec: str) -> str:
-        """``mean [low, high]``: the mean over seeds of each seed's mean return, and its 95% interval (a bootstrap
-        over seeds; with one seed, over that seed's episodes, marked ``ep``)."""
+    def summary(self, spec: str) -> tuple[float, float, float, bool] | None:
+        """``(mean, low, high, one_seed)``: the mean over seeds of each seed's mean return and its 95% interval (a
+        bootstrap over seeds; with one seed, over that seed's episodes); None if no run was evaluated under ``spec``."""
         per_seed = self.returns.get(spec, {})
         if not per_seed:
-            return "-"
+            return None
         means = np.array([np.mean(r) for r in per_seed.values()])
-        samples = means if len(means) > 1 else np.asarray(next(iter(per_seed.values())), float)
+        one_seed = len(means) == 1
+        samples = np.asarray(next(iter(per_seed.values())), float) if one_seed else means
         low, high = bootstrap_band(samples[:, None])
-        mark = "" if len(means) > 1 else " ep"
-        return f"{means.mean():.0f} [{low[0]:.0f}, {high[0]:.0f}{mark}]"
+        return float(means.mean()), float(low[0]), float(high[0]), one_seed
+
+    def cell(self, spec: str) -> str:
+        """``mean [low, high]`` of :meth:`summary`, the interval marked ``ep`` when it is over one seed's episodes."""
+        summary = self.summary(spec)
+        if summary is None:
+            return "-"
+        mean, low, high, one_seed = summary
+        return f"{mean:.0f} [{low:.0f}, {high:.0f}{' ep' if one_seed else ''}]"
 
 
 def imitation_method(cfg: Any) -> str:
@@ -335,11 +344,10 @@ def imitation_table(groups: list[ImitationGroup], specs: list[str]) -> str:
     head = "| method | seeds | " + " | ".join(specs) + " |"
     lines = [head, "|---" * (len(specs) + 2) + "|"]
     for g in groups:
-        seeds = sorted({s for spec in specs for s in g.seeds(spec)})
-        lines.append(f"| {g.method} | {len(seeds)} | " + " | ".join(g.cell(s) for s in specs) + " |")
+        lines.append(f"| {g.method} | {len(g.seeds(specs))} | " + " | ".join(g.cell(s) for s in specs) + " |")
     lines += ["", "| method | seed | " + " | ".join(specs) + " |", "|---" * (len(specs) + 2) + "|"]
     for g in groups:
-        for seed in sorted({s for spec in specs for s in g.seeds(spec)}):
+        for seed in g.seeds(specs):
             cells = []
             for spec in specs:
                 r = g.returns.get(spec, {}).get(seed)
@@ -370,16 +378,14 @@ def plot_imitation(groups: list[ImitationGroup], specs: list[str], path: Path) -
     for g in groups:
         xs, ys, errs = [], [], []
         for spec in sorted(specs, key=scales.get):
-            per_seed = g.returns.get(spec, {})
-            if not per_seed:
+            summary = g.summary(spec)
+            if summary is None:
                 continue
-            means = np.array([np.mean(r) for r in per_seed.values()])
-            samples = means if len(means) > 1 else np.asarray(next(iter(per_seed.values())), float)
-            low, high = bootstrap_band(samples[:, None])
+            mean, low, high, _ = summary
             xs.append(scales[spec])
-            ys.append(means.mean())
-            errs.append((means.mean() - low[0], high[0] - means.mean()))
-        seeds = len({s for spec in specs for s in g.seeds(spec)})
+            ys.append(mean)
+            errs.append((mean - low, high - mean))
+        seeds = len(g.seeds(specs))
         ax.errorbar(xs, ys, yerr=np.array(errs).T, marker="o", capsize=3,
                     label=f"{g.method} ({seeds} seed{'s' if seeds > 1 else ''})")  # fmt: skip
     ax.set_xlabel("joint-angle noise std (rad), every 50 steps")
