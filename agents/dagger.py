@@ -57,9 +57,8 @@ def play_and_label(
     from rims_rl.agents.experts import load_expert
     from rims_rl.envs.cheetah import make_pixel_cheetah
 
-    with th.random.fork_rng(
-        devices=[]
-    ):  # building the actor draws initial weights: leave the caller's stream as it was
+    # Building the actor draws initial weights: fork the RNG so the caller's stream (a resumed run's) stays as it was.
+    with th.random.fork_rng(devices=[]):
         expert = load_expert(expert_path)
     kwargs = {"max_episode_steps": max_steps} if max_steps else {}
     envs = [make_pixel_cheetah(size=size, frame_stack=frame_stack, camera=camera, **kwargs) for _ in range(episodes)]
