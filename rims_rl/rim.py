@@ -304,7 +304,9 @@ class RIM(nn.Module):
         alive[list(self.dropped_units)] = False  # test-time ablation: never active, state held at zero
         if self.input_attention and k_active < K:
             on_input = (1.0 - input_attention[..., 0]).masked_fill(~alive, -math.inf)
-            winners = torch.topk(on_input, k_active, dim=1).indices
+            # exact ties (a saturated softmax) go to the larger log-odds of reading the input, then the lower index
+            log_odds = (torch.logsumexp(scores[..., 1:], -1) - scores[..., 0]).mean(-1)  # (B, K)
+            winners = rim_fast.select_winners(on_input, log_odds, k_active, dim=1)
             active = torch.zeros(B, K, dtype=torch.bool, device=x.device).scatter(1, winners, True) & alive
         else:
             active = alive.expand(B, K)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["NATIVE_LOOP", "VECTOR_INPUT_PATH", "run_together", "sequence"]
+__all__ = ["NATIVE_LOOP", "VECTOR_INPUT_PATH", "run_together", "select_winners", "sequence"]
 
 RIM = nn.Module  # a rims_rl.rim.RIM (not imported: that module imports this one)
 Result = tuple[Tensor, tuple[Tensor, Tensor], Tensor, Tensor]
@@ -44,6 +44,20 @@ Result = tuple[Tensor, tuple[Tensor, Tensor], Tensor, Tensor]
 def sequence(rim: RIM, input: Tensor, state: tuple[Tensor, Tensor] | None, episode_starts: Tensor | None) -> Result:
     """:meth:`RIM.forward <rims_rl.rim.RIM.forward>`'s results (its docstring), the mask and attention unpacked."""
     return _run(rim, _prepare(rim, input, state, episode_starts))
+
+
+def select_winners(on_input: Tensor, log_odds: Tensor, k_active: int, dim: int) -> Tensor:
+    """The indices of the ``k_active`` winners along ``dim`` (the unit axis): the units with the most attention on
+    the input (the least on the null element, §2.3), ``on_input``. Exact ties, which the attention averaged over
+    heads reaches once its softmax saturates (each head's weight rounds to 0 or 1), go to the unit with the larger
+    ``log_odds``, the mean over heads of the log-odds of attending to the input rather than the null element
+    (which does not saturate), and then to the lower unit index. ``torch.topk`` leaves the order of ties
+    unspecified, so without this the choice depends on the implementation: the C++ and Python loops, the
+    reference step and CPU and CUDA each picked differently, and a trained policy's selection degenerated to a
+    fixed set of units. Two stable sorts, so the order is exactly (on_input desc, log_odds desc, index asc)."""
+    by_odds = torch.sort(log_odds, dim=dim, descending=True, stable=True).indices
+    order = torch.sort(on_input.gather(dim, by_odds), dim=dim, descending=True, stable=True).indices
+    return by_odds.gather(dim, order.narrow(dim, 0, k_active))
 
 
 def _run(rim: RIM, call: _Call) -> Result:
@@ -415,7 +429,7 @@ def _run_loop(
                 a = torch.softmax(F.pad(scores, (1, 0)), dim=-1)  # the null score, 0, in column 0
                 attention = a.mean(1).transpose(0, 1)  # (K, B, N+1)
                 attentions.append(attention)
-                on_input = -attention[..., 0]
+                on_input = 1.0 - attention[..., 0]  # as the reference computes it, so ties round alike
                 a_read = a[..., 1:]
                 if drop_in is not None:
                     rec["drop_in"] = drop_in[t]
@@ -428,9 +442,10 @@ def _run_loop(
                 if mode == "projected":  # through the step-independent projections (see _VectorProjections)
                     assert proj is not None
                     hb = h.reshape(K * B, 1, H)
-                    p = torch.sigmoid(torch.baddbmm(proj.score_bias[t], hb, proj.score_weight[t])).view(K, B, Hi)
+                    score = torch.baddbmm(proj.score_bias[t], hb, proj.score_weight[t]).view(K, B, Hi)
                 else:
-                    p = torch.sigmoid((q * keys[t]).sum(-1))  # (K, B, Hi)
+                    score = (q * keys[t]).sum(-1)  # (K, B, Hi)
+                p = torch.sigmoid(score)
                 on_input = p.mean(-1)  # (K, B) = 1 - null attention
                 attentions.append(on_input)
                 p_read = p
@@ -452,7 +467,9 @@ def _run_loop(
             else:  # the k_A units with the least attention on the null element
                 if alive is not None:  # dropped units never win (the others may fill their place)
                     on_input = on_input.masked_fill(alive[..., 0] == 0, -math.inf)
-                winners = torch.topk(on_input, cfg.k_active, dim=0).indices  # (k_A, B)
+                # ties broken by the log-odds of reading the input (the null score is 0), then by unit index
+                log_odds = torch.logsumexp(scores, -1).mean(1).t() if mode == "set" else score.mean(-1)
+                winners = select_winners(on_input, log_odds, cfg.k_active, 0)  # (k_A, B)
                 active = no_winner.scatter(0, winners, True)
                 if alive is not None:  # fewer units left than k_A: the dropped ones still stay inactive
                     active = active & all_active

@@ -147,7 +147,11 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
     }
     Tensor active = all_active;
     if (k_active < K) {  // the k_A units with the least attention on the null element
-      Tensor winners = std::get<1>(at::topk(on_input, k_active, 0));
+      // rim_fast.select_winners: (on_input desc, log-odds desc, index asc); the log-odds break a saturated
+      // softmax's exact ties (std::get<1> of a stable sort keeps equal elements in their order)
+      Tensor by_odds = std::get<1>(at::sort(score.mean(-1), /*stable=*/true, 0, /*descending=*/true));
+      Tensor order = std::get<1>(at::sort(on_input.gather(0, by_odds), /*stable=*/true, 0, /*descending=*/true));
+      Tensor winners = by_odds.gather(0, order.narrow(0, 0, k_active));
       active = no_winner.scatter(0, winners, true);
     }
     masks[t].copy_(active);
