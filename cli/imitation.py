@@ -150,7 +150,8 @@ def cmd_imitate(args: argparse.Namespace) -> int:
         dagger = f", DAgger round {row['dagger_round']} played {played:.0f}" if not math.isnan(played) else ""
         print(
             f"epoch {row['epoch']}/{cfg.total_epochs}{dagger}: train loss {row['train_loss']:.4f}, "
-            f"val loss {row['val_loss']:.4f}, {row['seqs_per_s']:.1f} seqs/s ({row['steps_per_s']:.0f} steps/s)",
+            f"val loss {row['val_loss']:.4f}, gradient norm {row['grad_norm']:.2f} (max {row['grad_norm_max']:.1f}), "
+            f"{row['seqs_per_s']:.1f} seqs/s ({row['steps_per_s']:.0f} steps/s)",
             file=sys.stderr,
         )
 

@@ -4,6 +4,7 @@ and the CLI around them (agents/experts.py, agents/imitation.py, cli/imitation.p
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gymnasium as gym
@@ -140,8 +141,28 @@ def test_behaviour_cloning_overfits_a_few_sequences(policy: str, demos_file: Pat
     first, last = rows[0]["train_loss"], rows[-1]["train_loss"]
     assert last < 0.5 * first, (first, last)
     assert all(np.isfinite(r["val_loss"]) for r in rows)
+    assert all(0 < r["grad_norm"] <= r["grad_norm_max"] < math.inf for r in rows)  # one update: median = max
     assert info["status"] == "finished" and info["epochs"] == 150
     assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "progress.csv").is_file()
+
+
+def test_updates_with_exploding_gradients_are_skipped(demos_file: Path, tmp_path: Path):
+    """``skip_grad_norm``: an update whose gradient norm exceeds it takes no optimiser step (counted in ``skipped``);
+    by default (None) every update steps. Here every norm exceeds 1e-9, so the weights stay where they started."""
+    base = {**TINY, "policy": "rims", "demos": str(demos_file), "epochs": 2}
+    for skip, changes in ((1e-9, False), (None, True)):
+        cfg = ImitationConfig.model_validate({**base, "skip_grad_norm": skip})
+        run = tmp_path / f"skip-{skip}"
+        train_imitation(cfg, run)
+        rows = th.load(run / "checkpoint.pt", weights_only=False)["history"]
+        meta = json.loads((run / "run.json").read_text())["meta"]
+        th.manual_seed(cfg.seed)  # the initial weights, as the run drew them
+        start = PixelPolicy(cfg, size=meta["size"], frame_stack=meta["frame_stack"], action_dim=meta["action_dim"])
+        start = start.state_dict()
+        final = th.load(run / "model.pt", weights_only=False)["policy"]
+        assert any(not th.equal(start[k], final[k]) for k in start) is changes
+        updates = [r["updates"] - (rows[i - 1]["updates"] if i else 0) for i, r in enumerate(rows)]
+        assert [r["skipped"] for r in rows] == (updates if skip else [0, 0])
 
 
 def test_interrupted_imitation_resumes_where_it_stopped(demos_file: Path, tmp_path: Path):
