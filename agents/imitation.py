@@ -447,8 +447,8 @@ class _ImitationSession:
     """The state of a behaviour-cloning run: demos split into training and validation episodes, the policy, its
     optimiser, the epoch count, history and RNGs (restored from ``checkpoint.pt`` on resume)."""
 
-    FIELDS = ("epoch", "updates", "episodes", "train_loss", "val_loss", "grad_norm", "grad_norm_max", "skipped",
-              "seqs_per_s", "steps_per_s", "seconds", "dagger_round", "dagger_return")  # fmt: skip
+    FIELDS = ("epoch", "updates", "episodes", "train_loss", "val_loss", "grad_norm", "grad_norm_max", "seqs_per_s",
+              "steps_per_s", "seconds", "dagger_round", "dagger_return")  # fmt: skip
 
     def __init__(self, cfg: ImitationConfig, run_dir: Path, resume: bool) -> None:
         from rims_rl.agents.training import _write_json
@@ -562,16 +562,13 @@ class _ImitationSession:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norms.append(float(nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)))
-            if cfg.skip_grad_norm is not None and not grad_norms[-1] <= cfg.skip_grad_norm:
-                skipped.append(len(grad_norms))  # an exploding gradient (ImitationConfig.skip_grad_norm): no step
-                return
             self.optimizer.step()
 
         n_train = self.train_b.n
         order = self.rng.permutation(n_train)
         start = time.perf_counter()
         policy.train()
-        losses, weights, windows, grad_norms, skipped = [], [], 0, [], []
+        losses, weights, windows, grad_norms = [], [], 0, []
         shift = cfg.shift_pad if cfg.augment == "shift" else 0
         for i in range(0, n_train, cfg.batch_size):
             eps = order[i : i + cfg.batch_size]
@@ -595,7 +592,6 @@ class _ImitationSession:
             "val_loss": float(val_loss),
             "grad_norm": float(np.median(grad_norms)) if grad_norms else math.nan,  # before clipping
             "grad_norm_max": max(grad_norms, default=math.nan),
-            "skipped": len(skipped),
             "seqs_per_s": windows / seconds,
             "steps_per_s": float(self.train_b.lengths.sum()) / seconds,
             "seconds": seconds,

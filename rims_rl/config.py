@@ -372,12 +372,6 @@ class ImitationConfig(_Section):
     epochs: int = Field(10, ge=1, description="passes over the training episodes")
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clipping")
-    skip_grad_norm: float | None = Field(
-        None,
-        gt=0,
-        description="skip the optimiser step of an update whose gradient norm (before clipping) exceeds this, or is "
-        "not finite (None: never); counted in progress.csv's `skipped`",
-    )
     val_episodes: int = Field(2, ge=0, description="demo episodes held out for the validation loss")
     eval_episodes: int = Field(
         3, ge=0, description="env episodes played after training, without and with perturbation (0: none)"
