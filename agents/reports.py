@@ -325,13 +325,19 @@ def imitation_method(cfg: Any) -> str:
 
 
 def imitation_groups(run_dirs: Iterable[Path]) -> list[ImitationGroup]:
-    """Runs' ``perturb.json`` grouped by method (:func:`imitation_method`), each seed's returns per perturbation."""
+    """Runs' ``perturb.json`` grouped by method (:func:`imitation_method`), each seed's returns per perturbation.
+    Two runs of one method with the same seed (a rerun with other settings, say) raise ValueError instead of
+    pooling their episodes as if they were one seed's."""
     from rims_rl.config import ImitationConfig
 
     groups: dict[str, ImitationGroup] = {}
+    seen: dict[tuple[str, int], Path] = {}
     for run_dir in run_dirs:
         cfg = ImitationConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
         name = imitation_method(cfg)
+        other = seen.setdefault((name, cfg.seed), run_dir)
+        if other != run_dir:
+            raise ValueError(f"{other} and {run_dir} are both {name} with seed {cfg.seed}: pass one of them")
         group = groups.setdefault(name, ImitationGroup(name))
         for spec, result in json.loads((run_dir / "perturb.json").read_text()).items():
             group.returns.setdefault(spec, {}).setdefault(cfg.seed, []).extend(result["returns"])

@@ -251,7 +251,10 @@ def cmd_imitation_table(args: argparse.Namespace) -> int:
         raise UsageError(
             f"no evaluated imitation runs in {' '.join(args.runs)} (evaluate them with --perturb none,joints first)"
         )
-    groups = imitation_groups(runs)
+    try:
+        groups = imitation_groups(runs)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     table = imitation_table(groups, specs)
     print(table)
     if args.out:

@@ -359,6 +359,11 @@ def test_imitation_table_shows_seeds_means_and_intervals_and_plots(tmp_path: Pat
     with pytest.raises(SystemExit) as exit_info:
         main(["imitation-table", str(tmp_path / "runs"), "--perturbed", "wobble"])
     assert exit_info.value.code == 2 and "unknown perturbation 'wobble'" in capsys.readouterr().err
+    fake_run("gru-s1-again", "gru", 1, {"none": [100, 100]})  # a rerun of a seed is not pooled with it
+    with pytest.raises(SystemExit) as exit_info:
+        main(["imitation-table", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "are both GRU (600) with seed 1: pass one of them" in err
 
 
 def test_cheetah_table_script_trains_evaluates_and_resumes(demos_file: Path, tmp_path: Path):
