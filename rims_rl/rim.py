@@ -62,7 +62,9 @@ class RIM(nn.Module):
        computes its own queries from its hidden state (per-unit weights), and attends over the ``N + 1`` elements
        with ``input_heads`` heads.
     2. **Selection** (§2.3). The ``k_active`` units with the *least* softmax attention on the null element,
-       averaged over heads, are active. Exactly ``k_active`` units win per sample.
+       averaged over heads, are active. Exactly ``k_active`` units win per sample. Exact ties (a saturated
+       softmax) go to the larger mean log-odds of reading the input, then the lower index
+       (:func:`rims_rl.rim_fast.select_winners`).
     3. **Independent dynamics** (§2.1, eq. 1-2). Active units update their own LSTM or GRU (per-unit weights) on
        what they read; inactive units keep ``h`` and ``c`` bit-for-bit. Gradient still flows through the kept
        state (nothing is detached).
