@@ -52,9 +52,9 @@ def select_winners(on_input: Tensor, log_odds: Tensor, k_active: int, dim: int) 
     heads reaches once its softmax saturates (each head's weight rounds to 0 or 1), go to the unit with the larger
     ``log_odds``, the mean over heads of the log-odds of attending to the input rather than the null element
     (which does not saturate), and then to the lower unit index. ``torch.topk`` leaves the order of ties
-    unspecified, so without this the choice depends on the implementation: the C++ and Python loops, the
-    reference step and CPU and CUDA each picked differently, and a trained policy's selection degenerated to a
-    fixed set of units. Two stable sorts, so the order is exactly (on_input desc, log_odds desc, index asc)."""
+    unspecified, so without this the choice depends on the implementation: on a trained Half-Cheetah clone the C++
+    loop and the reference step picked different winners, and in closed loop the same units won at every step.
+    Two stable sorts, so the order is exactly (on_input desc, log_odds desc, index asc)."""
     by_odds = torch.sort(log_odds, dim=dim, descending=True, stable=True).indices
     order = torch.sort(on_input.gather(dim, by_odds), dim=dim, descending=True, stable=True).indices
     return by_odds.gather(dim, order.narrow(dim, 0, k_active))
