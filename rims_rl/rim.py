@@ -147,30 +147,18 @@ class RIM(nn.Module):
         super().__init__()
         if input_value_size is None:
             input_value_size = 4 * unit_size
-        for name, value in (
-            ("input_size", input_size),
-            ("num_units", num_units),
-            ("unit_size", unit_size),
-            ("input_key_size", input_key_size),
-            ("input_value_size", input_value_size),
-            ("input_heads", input_heads),
-            ("comm_key_size", comm_key_size),
-            ("comm_value_size", comm_value_size),
-            ("comm_heads", comm_heads),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(k_active, bool) or not isinstance(k_active, int) or not 1 <= k_active <= num_units:
-            raise ValueError(f"k_active must be an integer in [1, num_units={num_units}], got {k_active!r}")
-        if cell not in _CELLS:
-            raise ValueError(f"cell must be one of {', '.join(_CELLS)}, got {cell!r}")
-        if input_value_size % input_heads:
-            raise ValueError(
-                f"input_heads={input_heads} must divide input_value_size={input_value_size} "
-                "(each head reads an equal share of the value)"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        sizes = dict(
+            input_size=input_size,
+            num_units=num_units,
+            unit_size=unit_size,
+            input_key_size=input_key_size,
+            input_value_size=input_value_size,
+            input_heads=input_heads,
+            comm_key_size=comm_key_size,
+            comm_value_size=comm_value_size,
+            comm_heads=comm_heads,
+        )
+        _check_args(sizes, k_active, cell, dropout)
 
         self.input_size = input_size
         self.num_units = num_units
@@ -393,3 +381,22 @@ def run_together(
     cores. Otherwise the calls run one after the other."""
     results = rim_fast.run_together(calls)
     return [(output, state, RIMInfo(mask, attention)) for output, state, mask, attention in results]
+
+
+def _check_args(sizes: dict[str, int], k_active: int, cell: str, dropout: float) -> None:
+    """:class:`RIM`'s arguments: a ``ValueError`` that says which one is wrong and what is valid."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    num_units, heads, value_size = sizes["num_units"], sizes["input_heads"], sizes["input_value_size"]
+    if isinstance(k_active, bool) or not isinstance(k_active, int) or not 1 <= k_active <= num_units:
+        raise ValueError(f"k_active must be an integer in [1, num_units={num_units}], got {k_active!r}")
+    if cell not in _CELLS:
+        raise ValueError(f"cell must be one of {', '.join(_CELLS)}, got {cell!r}")
+    if value_size % heads:
+        raise ValueError(
+            f"input_heads={heads} must divide input_value_size={value_size} "
+            "(each head reads an equal share of the value)"
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
