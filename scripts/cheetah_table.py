@@ -118,8 +118,8 @@ def main() -> None:
         record_demos(DEFAULT_EXPERT, args.demo_episodes).save(args.demos)
     runs = {
         (m, s): (str(args.out / f"{m}-s{s}"), m, s, str(args.demos), args.overrides, specs, args.episodes)
+        for s in args.seeds  # seed-major: a stopped comparison has as many seeds of every method as possible
         for m in args.methods
-        for s in args.seeds
     }
     run_jobs(run_one, runs, args.jobs)
 
