@@ -1,11 +1,12 @@
-// The RIM's per-step loop and its backward through time, in C++ against ATen (see rims_rl/rim.py).
+// The RIM's per-step loop and its backward through time, in C++ against ATen (see rims_rl/rim_fast.py).
 //
-// This is a transcription of `_run_loop` and `_RIMSequence.backward` in rims_rl/rim.py for the common case:
-// input attention over one vector per step (the "per-step", "folded" and "projected" paths), LSTM or GRU units,
-// communication on or off, attention dropout on or off (its masks are drawn before the loop, in rim.py), no dropped
-// units. Same ops, same order, so the same numbers; what it saves is the Python interpreter between ~30 small ops
-// per step (forward) and ~45 (backward). The Python code remains the reference: the tests run every RIM test on
-// both. Compiled on first use by torch.utils.cpp_extension (rim.py).
+// This is a transcription of `_run_loop` (with its step helpers `_read_input`, `_select`, `_cell`, `_communicate`)
+// and `_RIMSequence.backward` in rims_rl/rim_fast.py for the common case: input attention over one vector per step
+// (the "per-step", "folded" and "projected" paths), LSTM or GRU units, communication on or off, attention dropout on
+// or off (its masks are drawn before the loop, in rim_fast.py), no dropped units. Same ops, same order, so the same
+// numbers; what it saves is the Python interpreter between ~30 small ops per step (forward) and ~45 (backward). The
+// Python code remains the reference: the tests run every RIM test on both. Compiled on first use by
+// torch.utils.cpp_extension (rim_fast.py).
 //
 // Layouts: the state is unit-major (K, B, H). Per-sequence buffers are (K, L, B, .) where a weight gradient is
 // formed from all steps at once (h_in, read, h1, rc and their gradients), (L, K, B, .) otherwise.
@@ -62,7 +63,7 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
   const int64_t dqkv = 2 * ck + cv;
   const auto opt = h.options();
   Tensor c = lstm ? *c_opt : Tensor();
-  const bool projected = score_weight.has_value();  // through _VectorProjections (rim.py)
+  const bool projected = score_weight.has_value();  // through _VectorProjections (rim_fast.py)
   merged = !projected && (merged || record);
   Tensor w_h, b_h;
   if (merged) {  // [W_q | W_hh]: a unit's queries and its recurrent gate inputs from one product of its state
