@@ -6,6 +6,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# pytest-xdist workers for `make test` (0: one process). Each worker keeps torch's default thread count, on which the
+# learning tests' numerics depend, so results are those of a serial run; the suite mostly runs small ops on one core.
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -27,7 +30,7 @@ demo: install
 	$(BIN)/rims-rl evaluate runs/demo
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
