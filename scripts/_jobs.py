@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable, Hashable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
@@ -15,9 +16,14 @@ def run_jobs(fn: Callable[..., Any], jobs: dict[Hashable, tuple], workers: int) 
     queued ones even after Ctrl-C. A job returning None (a signal stopped its run, which checkpointed) or Ctrl-C
     ends the script with :data:`INTERRUPTED` once the running jobs have stopped (Ctrl-C reaches them too: they
     checkpoint); no job starts after it.
+
+    Workers are spawned, not forked: a fork of a process that has made an OpenGL (EGL) context hangs in the child's
+    first ``mujoco.Renderer`` (``cheetah_table.py`` records the demonstrations in the parent, then its forked
+    workers froze in their first DAgger round), and forking a process with threads (torch's pools) is unsafe as well.
+    ``fn`` must therefore be importable: a module-level function of the script.
     """
     pending, running, results = list(jobs.items()), {}, {}
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
             while pending or running:
                 while pending and len(running) < workers:
