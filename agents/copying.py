@@ -259,6 +259,7 @@ def train_copying(
     evaluation steps. Returns ``run.json``'s content.
     """
     from rims_rl.agents.training import _write_json
+    from rims_rl.tracking import finish_wandb
 
     th.manual_seed(cfg.seed)
     model = CopyingModel(cfg).to(_device(cfg.device))
@@ -289,7 +290,7 @@ def train_copying(
     finally:
         _write_json(run_dir / "run.json", info)
         if wandb_run is not None:
-            wandb_run.finish()
+            finish_wandb(wandb_run)
     return info
 
 

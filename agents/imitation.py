@@ -416,6 +416,7 @@ def train_imitation(
     Returns the final summary (also in ``run.json``).
     """
     from rims_rl.agents.training import _write_json
+    from rims_rl.tracking import finish_wandb
 
     session = _ImitationSession(cfg, run_dir, resume)
     info, wandb_run = session.info, session.start_wandb()
@@ -439,7 +440,7 @@ def train_imitation(
         raise
     finally:
         if wandb_run is not None:
-            wandb_run.finish()
+            finish_wandb(wandb_run)
     return info
 
 

@@ -82,7 +82,7 @@ from rims_rl.agents.transfer import TransferError, freeze, load_source_weights
 from rims_rl.config import TrainConfig
 from rims_rl.envs import AtariSettings, UnsupportedSpaceError, make_env
 from rims_rl.extractors import GridMissionExtractor, SmallImageCNN
-from rims_rl.tracking import ACTIVATIONS_DIR, RIMActivationCallback, WandbOutputFormat, start_wandb
+from rims_rl.tracking import ACTIVATIONS_DIR, RIMActivationCallback, WandbOutputFormat, finish_wandb, start_wandb
 
 __all__ = [
     "ALGORITHMS",
@@ -747,9 +747,9 @@ class _Session:
             self.wandb_run.summary.update(
                 {"eval/mean_return": result.mean_return, "eval/std_return": result.std_return}
             )
-            self.wandb_run.finish()
+            finish_wandb(self.wandb_run)
         return TrainResult(self.run_dir, self.model.num_timesteps, seconds, result, self.resumed_from)
 
     def _finish_wandb(self, code: int) -> None:
         if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=code)
+            finish_wandb(self.wandb_run, exit_code=code)

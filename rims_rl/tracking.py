@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,6 +43,7 @@ __all__ = [
     "RolloutActivations",
     "WandbOutputFormat",
     "activation_heatmap",
+    "finish_wandb",
     "log_activation_files",
     "read_activations",
     "read_wandb_history",
@@ -122,8 +124,41 @@ def log_activation_files(paths: list[Path], cfg: Any, run_dir: Path, *, mode: st
         elif path.suffix == ".gif":
             data[f"activations/{path.stem}_video"] = wandb.Video(str(path), format="gif")
     run.log(data)
-    run.finish()
+    finish_wandb(run)
     return run
+
+
+def finish_wandb(run: Any, exit_code: int | None = None, wait_s: float = 60.0) -> None:
+    """``run.finish(exit_code)``; for an offline run, then wait (up to ``wait_s``) until its run file holds its exit
+    record. W&B's service process writes the file after ``finish()`` returns: on a loaded machine (CI beside two
+    training jobs) a reader right after the command (:func:`read_wandb_history`, ``wandb sync``) found no history
+    rows yet, twice. Waiting here makes a finished command's run directory complete."""
+    offline = bool(getattr(run, "offline", False))
+    path = Path(run.dir).parent / f"run-{run.id}.wandb" if offline else None
+    run.finish(exit_code=exit_code)
+    if path is None:
+        return
+    deadline = time.monotonic() + wait_s
+    while not _wandb_file_closed(path):
+        if time.monotonic() > deadline:
+            log.warning("W&B had not finished writing %s after %.0f s", path, wait_s)
+            return
+        time.sleep(0.1)
+
+
+def _wandb_file_closed(path: Path) -> bool:
+    """Whether the offline run file ends with its exit record (W&B writes it last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    try:
+        records = _wandb_records(path)
+    except (OSError, ValueError):  # not created yet, or its header not written yet
+        return False
+    if not records:
+        return False
+    record = pb.Record()
+    record.ParseFromString(records[-1])
+    return record.WhichOneof("record_type") == "exit"
 
 
 class WandbOutputFormat(KVWriter):
