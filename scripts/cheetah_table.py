@@ -1,6 +1,6 @@
 """The Half-Cheetah imitation comparison (paper Table 6), resumably: methods x seeds, trained, evaluated, tabled.
 
-    python scripts/cheetah_table.py [--demos demos/cheetah-40.npz] [--methods gru rims-k3 rims-k6] [--seeds 0 1 2]
+    python scripts/cheetah_table.py [--demos demos/cheetah-40.npz] [--methods lstm rims-k3 rims-k6] [--seeds 0 1 2]
                                     [--perturb joints joints:0.5] [--episodes 5] [--jobs 2] [--out runs/cheetah_table]
                                     [--set KEY=VALUE ...]
 
@@ -91,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demos", type=Path, default=Path("demos/cheetah-40.npz"))
     parser.add_argument("--demo-episodes", type=int, default=40, help="episodes to record if --demos is missing")
-    parser.add_argument("--methods", nargs="+", default=["gru", "rims-k3", "rims-k6"], help="gru, lstm or rims-kN")
+    parser.add_argument("--methods", nargs="+", default=["lstm", "rims-k3", "rims-k6"], help="gru, lstm or rims-kN")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--perturb", nargs="+", default=["joints", "joints:0.5"], metavar="SPEC")
     parser.add_argument("--episodes", type=int, default=5, help="evaluation episodes per spec (default 5)")
