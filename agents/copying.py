@@ -289,8 +289,8 @@ def train_copying(
         raise
     finally:
         _write_json(run_dir / "run.json", info)
-        if wandb_run is not None:
-            finish_wandb(wandb_run)
+        if wandb_run is not None:  # a stopped run does not wait long for a W&B service that Ctrl-C took down
+            finish_wandb(wandb_run, wait_s=60.0 if info.get("status") == "finished" else 5.0)
     return info
 
 

@@ -752,4 +752,5 @@ class _Session:
 
     def _finish_wandb(self, code: int) -> None:
         if self.wandb_run is not None:
-            finish_wandb(self.wandb_run, exit_code=code)
+            # a stopped or failed run: do not hold the user long if W&B's service went down with it (Ctrl-C)
+            finish_wandb(self.wandb_run, exit_code=code, wait_s=5.0)
