@@ -403,8 +403,8 @@ def _run_loop(
         else:
             assert keys is not None and values is not None
             read_out = tape.read[:, t] if tape is not None and tape.read is not None else None
-            on_input, logits, read, gx = _read_input(cfg, t, h, q, keys, values, proj, read_out, rec)
-            attentions.append(rec.pop("attention"))
+            on_input, logits, attention, read, gx = _read_input(cfg, t, h, q, keys, values, proj, read_out, rec)
+            attentions.append(attention)
             if merged and lstm:  # gates = b_ih + h W_hh + read W_ih
                 gh = torch.baddbmm(gh, read, wih)
             elif mode != "projected":
@@ -476,13 +476,13 @@ def _read_input(
     proj: _VectorProjections | None,
     read_out: Tensor | None,
     rec: dict[str, Any],
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Step ``t``'s input attention (§2.3, eq. 4) for the units' queries ``q`` ``(K, B, Hi, dk)``.
 
     Returns the attention on the input ``(K, B)`` (1 - the null element's), the scores it came from (set:
-    ``(B, Hi, K, N)``; vector: ``(K, B, Hi)``), what each unit read ``(K, B, Hi * dv)`` (the projected path: None)
-    and, on the projected path only, the input-side gate pre-activations ``(K, B, G)``. The attention to record goes
-    in ``rec["attention"]``; what the backward needs, in ``rec``.
+    ``(B, Hi, K, N)``; vector: ``(K, B, Hi)``), the attention to record (set: ``(K, B, N+1)``; vector: the attention
+    on the input), what each unit read ``(K, B, Hi * dv)`` (the projected path: None) and, on the projected path
+    only, the input-side gate pre-activations ``(K, B, G)``. What the backward needs goes in ``rec``.
     """
     K, B, H = h.shape
     drop_in = cfg.dropout[0]
@@ -491,7 +491,7 @@ def _read_input(
         assert q is not None
         scores = torch.matmul(q.permute(1, 2, 0, 3), keys[t])  # (B, Hi, K, N)
         a = torch.softmax(F.pad(scores, (1, 0)), dim=-1)  # the null score, 0, in column 0
-        attention = rec["attention"] = a.mean(1).transpose(0, 1)  # (K, B, N+1)
+        attention = a.mean(1).transpose(0, 1)  # (K, B, N+1)
         on_input = 1.0 - attention[..., 0]  # as the reference computes it, so ties round alike
         a_read = a[..., 1:]
         if drop_in is not None:
@@ -500,7 +500,7 @@ def _read_input(
         r = torch.matmul(a_read, values[t]).permute(2, 0, 1, 3)  # (K, B, Hi, dv)
         read = (read_out.view(r.shape).copy_(r) if read_out is not None else r).reshape(K, B, -1)
         rec.update(q=q, a=a, a_read=a_read)
-        return on_input, scores, read, gx
+        return on_input, scores, attention, read, gx
     # N = 1: softmax over {null, x} where the null score is exactly 0, so the weight on x is sigmoid(score).
     if cfg.mode == "projected":  # through the step-independent projections (see _VectorProjections)
         assert proj is not None
@@ -510,7 +510,7 @@ def _read_input(
         assert q is not None
         score = (q * keys[t]).sum(-1)  # (K, B, Hi)
     p = torch.sigmoid(score)
-    on_input = rec["attention"] = p.mean(-1)  # (K, B) = 1 - null attention
+    on_input = p.mean(-1)  # (K, B) = 1 - null attention
     p_read = p
     if drop_in is not None:
         rec["drop_in"] = drop_in[t]
@@ -522,7 +522,7 @@ def _read_input(
         out = read_out.view(K, B, cfg.heads, -1) if read_out is not None else None
         read = torch.mul(p_read.unsqueeze(-1), values[t], out=out).view(K, B, -1)
     rec.update(p=p, p_read=p_read)
-    return on_input, score, read, gx
+    return on_input, score, on_input, read, gx
 
 
 def _select(
