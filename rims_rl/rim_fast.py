@@ -18,12 +18,15 @@ Layout inside the loop: unit-major, ``(K, B, H)``, so that per-unit weights appl
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
 import shutil
+import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -912,8 +915,8 @@ NATIVE_LOOP: bool | None = None
 or without attention dropout; not with the test-time ``dropped_units``): None (default) uses it when it builds, else
 the Python loop after one warning; True requires it (a build failure raises); False never uses it. The environment
 variable ``RIMS_RL_NATIVE=0`` makes the default False. The source is compiled once, on first use, by
-:func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; ~30 s) and cached in its build directory
-(``TORCH_EXTENSIONS_DIR``). Same ops in the same order as the Python loop, so the same results (the tests run every
+:func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; ~30 s) and cached in a build directory of its own
+(:func:`_build_directory`). Same ops in the same order as the Python loop, so the same results (the tests run every
 RIM test on both); it saves the interpreter's time between ~75 small ops per step."""
 
 _native_state: dict[str, Any] = {}
@@ -937,9 +940,11 @@ def _native() -> Any | None:
             from torch.utils import cpp_extension
 
             _put_ninja_on_path()
-            _native_state["module"] = cpp_extension.load(
-                "rims_rl_rim_loop", [str(source)], extra_cflags=["-O3"], verbose=False
-            )
+            build = _build_directory(source)
+            with _build_lock(build):
+                _native_state["module"] = cpp_extension.load(
+                    "rims_rl_rim_loop", [str(source)], extra_cflags=["-O3"], build_directory=str(build), verbose=False
+                )
             return _native_state["module"]
         except Exception as exc:  # no compiler, no ninja, no headers: the Python loop computes the same
             lines = str(exc).strip().splitlines()
@@ -958,6 +963,55 @@ def _native() -> Any | None:
             f"rims_rl.rim_fast.NATIVE_LOOP is True but the C++ loop could not be built: {_native_state['error']}"
         )
     return None
+
+
+def _build_directory(source: Path) -> Path:
+    """Where the C++ loop is built: ``<root>/rims_rl/rim_loop-<key>``, the root being ``TORCH_EXTENSIONS_DIR`` or
+    torch's per-user cache (``~/.cache/torch_extensions``). The key hashes what the build depends on: the source
+    (its text and its path, which the build file records), the Python environment (``sys.prefix``: its torch
+    headers) and the torch and CUDA versions. So two checkouts or virtual environments on one machine each keep
+    their build, instead of rewriting torch's one shared ``rims_rl_rim_loop`` folder and rebuilding after each
+    other; an edit of the source builds in a new folder (the old ones stay, ~1 MB each)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    root_dir = Path(root) if root else Path(get_default_build_root())
+    key = hashlib.sha256()
+    for part in (str(source.resolve()), sys.prefix, torch.__version__, str(torch.version.cuda), sys.version):
+        key.update(part.encode() + b"\0")
+    key.update(source.read_bytes())
+    build = root_dir / "rims_rl" / f"rim_loop-{key.hexdigest()[:16]}"
+    build.mkdir(parents=True, exist_ok=True)
+    return build
+
+
+@contextlib.contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``build/build.flock`` around torch's load, so only one process builds at a
+    time, and clear torch's own ``lock`` file left by a process killed while it compiled. torch marks a build in
+    progress by creating ``lock`` and waits, forever, while it exists; a ``kill -9`` mid-compile leaves it, and
+    every later process hung in ``cpp_extension.load``. The ``flock`` is released by the kernel when its holder
+    dies, so a ``lock`` file found while holding it belongs to no live rims_rl build and is removed (with a
+    warning). Where ``fcntl`` is missing (Windows), torch's lock alone is used."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(build / "build.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build / "lock"
+            if stale.exists():
+                warnings.warn(
+                    f"rims_rl: removing {stale}, left by a build of the RIM's C++ loop that was killed",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _put_ninja_on_path() -> None:
