@@ -29,6 +29,7 @@ from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.preprocessing import is_image_space
 
+from rims_rl.agents.normalization import ObsStats
 from rims_rl.envs import AtariSettings, make_env
 from rims_rl.envs.atari import is_atari
 from rims_rl.tracking import activation_heatmap
@@ -93,10 +94,12 @@ def play_episodes(
     efference_copy: bool = False,
     atari: AtariSettings | None = None,
     max_frames: int = 500,
+    obs_stats: ObsStats | None = None,
 ) -> list[EpisodeActivations]:
     """Play ``episodes`` episodes one after the other in one env, keeping each step's activations.
 
     :param max_frames: keep the frames of at most this many steps per episode (image envs), for the GIF.
+    :param obs_stats: the observation statistics the policy was trained with (``normalize_obs``), applied frozen.
     :raises ValueError: if the model's policy has no RIM.
     """
     policy = model.policy
@@ -105,6 +108,8 @@ def play_episodes(
     if is_atari(env_id):
         atari = (atari or AtariSettings()).full_games()
     env = make_env(env_id, n_envs=1, seed=seed, efference_copy=efference_copy, atari=atari)
+    if obs_stats is not None:
+        env = obs_stats.apply(env)
     key = _image_key(env.observation_space)
     out: list[EpisodeActivations] = []
     try:

@@ -13,6 +13,7 @@ import numpy as np
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.evaluation import evaluate_policy
 
+from rims_rl.agents.normalization import ObsStats
 from rims_rl.envs import AtariSettings, make_env
 from rims_rl.envs.atari import is_atari
 
@@ -67,6 +68,7 @@ def evaluate(
     n_envs: int = EVAL_N_ENVS,
     efference_copy: bool = False,
     atari: AtariSettings | None = None,
+    obs_stats: ObsStats | None = None,
 ) -> EvalResult:
     """Play ``episodes`` full episodes with ``model`` (recurrent state carried and reset at episode starts).
 
@@ -75,10 +77,13 @@ def evaluate(
     :param efference_copy: the policy was trained with :class:`envs.EfferenceCopy` observations.
     :param atari: the preprocessing the policy was trained with; evaluation always plays whole games (no episode
         end at a life lost) and reports unclipped scores.
+    :param obs_stats: the observation statistics the policy was trained with (``normalize_obs``), applied frozen.
     """
     if is_atari(env_id):
         atari = (atari or AtariSettings()).full_games()
     env = make_env(env_id, n_envs=min(episodes, n_envs), seed=seed, efference_copy=efference_copy, atari=atari)
+    if obs_stats is not None:
+        env = obs_stats.apply(env)
     try:
         returns, lengths = evaluate_policy(
             model, env, n_eval_episodes=episodes, deterministic=deterministic, return_episode_rewards=True, warn=False

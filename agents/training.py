@@ -11,6 +11,7 @@ A run directory holds everything a report needs, with no network:
                        SIGINT/SIGTERM, and final; the newest ``checkpoint.keep`` (``agents/checkpoints.py``)
 ``evaluations.npz``    periodic evaluations (``eval.freq``), SB3's EvalCallback format
 ``model.zip``          the final model (``RecurrentPPO.load`` or ``RecurrentA2C.load``, as ``algo``)
+``vecnormalize.pkl``   with ``normalize_obs``: the observation statistics the model expects (``VecNormalize.load``)
 ``eval.json``          the final evaluation on env seeds disjoint from training
 ``wandb/``             the W&B run (offline unless ``wandb.mode: online``)
 ``activations/``       every step's RIM masks every ``activations.save_every`` rollouts (``read_activations``)
@@ -47,7 +48,7 @@ from stable_baselines3.common.callbacks import (
 from stable_baselines3.common.logger import CSVOutputFormat, Logger
 from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.utils import LinearSchedule
-from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
 from rims_rl import __version__
@@ -74,6 +75,7 @@ from rims_rl.agents.checkpoints import (
     write_checkpoint,
 )
 from rims_rl.agents.evaluation import EVAL_N_ENVS, EVAL_SEED_OFFSET, EvalResult, evaluate
+from rims_rl.agents.normalization import ObsStats, check_normalizable, find_normalizer, normalize, write_stats
 from rims_rl.agents.ppo import RecurrentPPO
 from rims_rl.agents.recurrent_a2c import RecurrentA2C
 from rims_rl.agents.sizes import ResourceError, check_env_count, check_memory
@@ -303,9 +305,13 @@ def make_train_env(cfg: TrainConfig) -> VecEnv:
         raise ConfigRejected(f"{cfg.env}: {err}") from None
     except (gym.error.Error, ValueError) as err:
         raise ConfigRejected(f"cannot make env {cfg.env}: {str(err).splitlines()[0]}") from None
-    if cfg.normalize_reward:  # observations untouched, so the policy needs no statistics at evaluation
-        env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=cfg.algo_settings.gamma)
-    return env
+    if cfg.normalize_obs:
+        try:
+            check_normalizable(env.observation_space, cfg.env)
+        except ValueError as err:
+            env.close()
+            raise ConfigRejected(str(err)) from None
+    return normalize(env, obs=cfg.normalize_obs, reward=cfg.normalize_reward, gamma=cfg.algo_settings.gamma)
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -613,8 +619,10 @@ class _Session:
             cfg.env, n_envs=min(cfg.eval.episodes, EVAL_N_ENVS), seed=eval_seed, efference_copy=cfg.efference_copy,
             atari=atari_settings(cfg).full_games(), gym_packages=cfg.gym_packages,
         )  # fmt: skip
-        if cfg.normalize_reward:  # EvalCallback syncs statistics between identically wrapped envs
-            eval_env = VecNormalize(eval_env, norm_obs=False, norm_reward=False, training=False)
+        # EvalCallback copies the observation statistics into it from the training env before each evaluation
+        eval_env = normalize(
+            eval_env, obs=cfg.normalize_obs, reward=cfg.normalize_reward, gamma=cfg.algo_settings.gamma, training=False
+        )
         self.eval_env = eval_env
         threshold = cfg.eval.stop_at
         return SeededEvalCallback(
@@ -729,10 +737,13 @@ class _Session:
         try:
             tmp = self.run_dir / "model.tmp.zip"
             model.save(tmp)
+            write_stats(self.env, self.run_dir)  # the observation statistics the model expects, if normalised
             tmp.replace(self.run_dir / "model.zip")
+            normalizer = find_normalizer(self.env)
             return evaluate(
                 model, cfg.env, episodes=cfg.eval.episodes, deterministic=cfg.eval.deterministic,
                 seed=cfg.seed + EVAL_SEED_OFFSET, efference_copy=cfg.efference_copy, atari=atari_settings(cfg),
+                obs_stats=ObsStats.of(normalizer) if normalizer is not None else None,
             )  # fmt: skip
         except KeyboardInterrupt:
             raise self._stopped(self.checkpointer.last_checkpoint) from None

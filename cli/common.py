@@ -71,6 +71,25 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, Path]:
     return cfg, model_file
 
 
+def load_obs_stats(cfg: TrainConfig, model_file: Path) -> Any:
+    """The observation statistics saved with ``model_file`` (an ``ObsStats``) for a run trained with
+    ``normalize_obs``; None for other runs."""
+    if not cfg.normalize_obs:
+        return None
+    from rims_rl.agents.normalization import STATS_FILE, read_stats
+
+    try:
+        stats = read_stats(model_file)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if stats is None:
+        raise UsageError(
+            f"the run was trained with normalize_obs but {model_file.parent} holds no observation statistics "
+            f"({STATS_FILE}): the model cannot be played without them"
+        )
+    return stats
+
+
 def load_model(model_file: Path, device: str, algo: str = "ppo") -> Any:
     from rims_rl.agents.training import ALGORITHMS
 

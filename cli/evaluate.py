@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rims_rl.cli.common import UsageError, check_device, load_model, load_run
+from rims_rl.cli.common import UsageError, check_device, load_model, load_obs_stats, load_run
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -36,6 +36,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from rims_rl.agents.training import atari_settings
 
     model = load_model(model_file, args.device, cfg.algo)
+    obs_stats = load_obs_stats(cfg, model_file)
     seed = args.seed if args.seed is not None else cfg.seed + EVAL_SEED_OFFSET
     dropped = tuple(sorted(set(args.drop_unit or ())))
     rim = getattr(model.policy, "lstm_actor", None)
@@ -50,7 +51,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     def run() -> Any:
         return evaluate(
             model, env_id, episodes=episodes, deterministic=deterministic, seed=seed,
-            efference_copy=cfg.efference_copy, atari=atari_settings(cfg),
+            efference_copy=cfg.efference_copy, atari=atari_settings(cfg), obs_stats=obs_stats,
         )  # fmt: skip
 
     result = run()
@@ -137,6 +138,7 @@ def cmd_activations(args: argparse.Namespace) -> int:
     episodes = play_episodes(
         model, env_id, args.episodes, seed=seed, deterministic=deterministic,
         efference_copy=cfg.efference_copy, atari=atari_settings(cfg), max_frames=args.max_frames,
+        obs_stats=load_obs_stats(cfg, model_file),
     )  # fmt: skip
     out = Path(args.out) if args.out else run_dir / "analysis" / env_id.replace("/", "_")
     written: list[Path] = []

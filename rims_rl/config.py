@@ -296,6 +296,11 @@ class TrainConfig(_Section):
     normalize_reward: bool = Field(
         False, description="scale training rewards by a running return std (SB3 VecNormalize; scores stay raw)"
     )
+    normalize_obs: bool = Field(
+        False,
+        description="normalise vector observations by a running mean and std (SB3 VecNormalize, rl-zoo's normalize); "
+        "saved with the model (vecnormalize.pkl) and applied wherever it is evaluated",
+    )
     seed: int = Field(0, ge=0, description="random seed (envs, torch, numpy)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     rim: RIMConfig = Field(default_factory=RIMConfig)
