@@ -42,13 +42,25 @@ def first_solved_step(run_dir, threshold: float = 475.0) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("policy", ["rims", "lstm"])
-def test_ppo_solves_cartpole_novel_within_100k_steps(policy, seed, tmp_path, one_thread):
+def solves_cartpole_novel_within_100k_steps(policy: str, seed: int, run_dir) -> None:
     flags = {"policy": policy, "seed": seed, "wandb.mode": "disabled"}
     cfg = resolve_config("CartPoleNoVel-v1", CONFIG_DIR / "classic.yaml", flags=flags)
     assert cfg.total_timesteps <= 100_000 and cfg.eval.episodes == 20 and cfg.eval.deterministic
-    result = train(cfg, tmp_path)
-    solved_at = first_solved_step(tmp_path)
+    result = train(cfg, run_dir)
+    solved_at = first_solved_step(run_dir)
     assert solved_at is not None and solved_at <= 100_000, f"{policy} s{seed}: not solved; final {result.final_eval}"
     assert result.final_eval is not None and result.final_eval.mean_return >= 400  # the saved model is the solved one
+
+
+# One class per core: `pytest -n 2 --dist loadscope` (make test) gives each class to a worker, so the two cores'
+# runs go side by side rather than one after the other on one worker.
+class TestRIM:
+    @pytest.mark.parametrize("seed", SEEDS)
+    def test_ppo_solves_cartpole_novel_within_100k_steps(self, seed, tmp_path, one_thread):
+        solves_cartpole_novel_within_100k_steps("rims", seed, tmp_path)
+
+
+class TestLSTM:
+    @pytest.mark.parametrize("seed", SEEDS)
+    def test_ppo_solves_cartpole_novel_within_100k_steps(self, seed, tmp_path, one_thread):
+        solves_cartpole_novel_within_100k_steps("lstm", seed, tmp_path)
