@@ -94,11 +94,8 @@ def find_normalizer(env: VecEnv) -> VecNormalize | None:
     return None
 
 
-def write_stats(env: VecEnv, directory: Path) -> Path | None:
-    """``directory/vecnormalize.pkl`` (written whole or not at all) if ``env`` normalises observations."""
-    normalizer = find_normalizer(env)
-    if normalizer is None:
-        return None
+def write_stats(normalizer: VecNormalize, directory: Path) -> Path:
+    """``directory/vecnormalize.pkl`` (written whole or not at all): ``normalizer``'s statistics."""
     tmp = directory / (STATS_FILE + ".tmp")
     normalizer.save(str(tmp))
     path = directory / STATS_FILE

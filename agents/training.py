@@ -737,9 +737,10 @@ class _Session:
         try:
             tmp = self.run_dir / "model.tmp.zip"
             model.save(tmp)
-            write_stats(self.env, self.run_dir)  # the observation statistics the model expects, if normalised
-            tmp.replace(self.run_dir / "model.zip")
             normalizer = find_normalizer(self.env)
+            if normalizer is not None:  # the observation statistics the model expects, beside it
+                write_stats(normalizer, self.run_dir)
+            tmp.replace(self.run_dir / "model.zip")
             return evaluate(
                 model, cfg.env, episodes=cfg.eval.episodes, deterministic=cfg.eval.deterministic,
                 seed=cfg.seed + EVAL_SEED_OFFSET, efference_copy=cfg.efference_copy, atari=atari_settings(cfg),
