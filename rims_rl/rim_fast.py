@@ -919,7 +919,25 @@ variable ``RIMS_RL_NATIVE=0`` makes the default False. The source is compiled on
 (:func:`_build_directory`). Same ops in the same order as the Python loop, so the same results (the tests run every
 RIM test on both); it saves the interpreter's time between ~75 small ops per step."""
 
+FUSED_KERNELS: bool = True
+"""Whether the C++ loop, on the CPU, runs the element-wise parts of a step (input attention, selection, the cell's
+arithmetic, the communication attention among units, the gated residual) and their backward as fused kernels, one
+plain loop each (``csrc/rim_loop.cpp``), rather than as ATen operators: ~15 kernels per step forward and ~9 backward
+instead of ~110 each. Same formulas, so the same values up to rounding (sums in another order; ``std::exp`` in the
+small sigmoids and softmaxes against ATen's vectorised one); the tests bound the difference. Other devices always
+take the ATen operators (each one kernel launch on a GPU); False gives them on the CPU too (tests, comparisons)."""
+
 _native_state: dict[str, Any] = {}
+
+
+def _cflags() -> tuple[str, ...]:
+    """The C++ loop's compiler flags: ``-O3``; ``-fopenmp-simd`` for the fused kernels' ``omp simd`` loops (no
+    OpenMP runtime); and AVX2 with FMA where torch itself runs AVX2 or AVX-512 kernels on this CPU (the build
+    folder's key includes the flags, so a machine without them builds its own)."""
+    flags = ("-O3", "-fopenmp-simd")
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ("-mavx2", "-mfma")
+    return flags
 
 
 def _native() -> Any | None:
@@ -943,7 +961,11 @@ def _native() -> Any | None:
             build = _build_directory(source)
             with _build_lock(build):
                 _native_state["module"] = cpp_extension.load(
-                    "rims_rl_rim_loop", [str(source)], extra_cflags=["-O3"], build_directory=str(build), verbose=False
+                    "rims_rl_rim_loop",
+                    [str(source)],
+                    extra_cflags=list(_cflags()),
+                    build_directory=str(build),
+                    verbose=False,
                 )
             return _native_state["module"]
         except Exception as exc:  # no compiler, no ninja, no headers: the Python loop computes the same
@@ -968,16 +990,23 @@ def _native() -> Any | None:
 def _build_directory(source: Path) -> Path:
     """Where the C++ loop is built: ``<root>/rims_rl/rim_loop-<key>``, the root being ``TORCH_EXTENSIONS_DIR`` or
     torch's per-user cache (``~/.cache/torch_extensions``). The key hashes what the build depends on: the source
-    (its text and its path, which the build file records), the Python environment (``sys.prefix``: its torch
-    headers) and the torch and CUDA versions. So two checkouts or virtual environments on one machine each keep
-    their build, instead of rewriting torch's one shared ``rims_rl_rim_loop`` folder and rebuilding after each
-    other; an edit of the source builds in a new folder (the old ones stay, ~1 MB each)."""
+    (its text and its path, which the build file records), the compiler flags, the Python environment
+    (``sys.prefix``: its torch headers) and the torch and CUDA versions. So two checkouts or virtual environments
+    on one machine each keep their build, instead of rewriting torch's one shared ``rims_rl_rim_loop`` folder and
+    rebuilding after each other; an edit of the source builds in a new folder (the old ones stay, ~1 MB each)."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     root_dir = Path(root) if root else Path(get_default_build_root())
     key = hashlib.sha256()
-    for part in (str(source.resolve()), sys.prefix, torch.__version__, str(torch.version.cuda), sys.version):
+    for part in (
+        str(source.resolve()),
+        sys.prefix,
+        torch.__version__,
+        str(torch.version.cuda),
+        sys.version,
+        *_cflags(),
+    ):
         key.update(part.encode() + b"\0")
     key.update(source.read_bytes())
     build = root_dir / "rims_rl" / f"rim_loop-{key.hexdigest()[:16]}"
@@ -1062,7 +1091,7 @@ def _native_forward(
     out = _native().forward(  # type: ignore[union-attr]
         keys, values, h, c, keep, reset_steps, *weights, *(proj[:] if proj is not None else (None,) * 4), *cfg.dropout,
         cfg.k_active, cfg.comm_heads, cfg.comm_key_size,
-        cfg.comm_value_size, lstm, cfg.communication, record, L > 1,
+        cfg.comm_value_size, lstm, cfg.communication, record, L > 1, FUSED_KERNELS,
     )  # fmt: skip
     outputs, h_n, c_n, masks, attention = out[:5]
     return outputs, h_n, c_n if lstm else None, masks, attention, _NativeTape(*out[5:]) if record else None
@@ -1085,7 +1114,7 @@ def _native_backward(
         tape.p, tape.qkv, tape.ac, tape.ug, wq, wih, whh, wqkv, wout,
         proj.score_weight if proj is not None else None, proj.gates if proj is not None else None,
         *cfg.dropout, cfg.comm_heads, cfg.comm_key_size,
-        cfg.comm_value_size, lstm, cfg.communication,
+        cfg.comm_value_size, lstm, cfg.communication, FUSED_KERNELS,
     )  # fmt: skip
     communication = cfg.communication
     return (

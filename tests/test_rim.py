@@ -429,13 +429,16 @@ def test_native_loop_runs_where_it_applies_and_python_elsewhere(monkeypatch):
     assert calls == ["_run_loop"]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["aten", "fused"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_python_and_cpp_loops_agree_with_attention_dropout(cell, monkeypatch):
+def test_python_and_cpp_loops_agree_with_attention_dropout(cell, fused, monkeypatch):
     """Dropout masks are drawn before the loop, so with the same seed the C++ loop gives the Python loop's
-    outputs and gradients (LSTM bit for bit; GRU to rounding, as without dropout)."""
+    outputs and gradients: with ATen operators only (as on a GPU), the LSTM bit for bit and the GRU to rounding;
+    with the fused CPU kernels (``FUSED_KERNELS``), to rounding (float64)."""
     monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", None)
     if rims_rl.rim_fast._native() is None:
         pytest.skip("the C++ loop could not be built here (test_native_loop_builds says why)")
+    monkeypatch.setattr(rims_rl.rim_fast, "FUSED_KERNELS", fused)
     results = []
     for native in (False, True):
         monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", native)
@@ -446,12 +449,43 @@ def test_python_and_cpp_loops_agree_with_attention_dropout(cell, monkeypatch):
         out, (h, c), info = rim(x, (h0, c0))
         (out.sin().sum() + h.cos().sum() + c.sum()).backward()
         results.append([out, h, c, info.input_attention, x.grad, *(p.grad for p in rim.parameters())])
-    tolerance = 0.0 if cell == "lstm" else 1e-12
+    tolerance = 0.0 if cell == "lstm" and not fused else 1e-12
     for python, cpp in zip(*results, strict=True):
         torch.testing.assert_close(cpp, python, rtol=0, atol=tolerance)
     torch.manual_seed(5)
     again, _, _ = make_rim(cell=cell, dropout=0.3)(x, (h0, c0))
     assert not torch.equal(again, make_rim(cell=cell, dropout=0.0)(x, (h0, c0))[0])  # dropout did act
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fused_kernels_match_aten_operators_in_float32(cell, dropout, monkeypatch):
+    """In float32 (training's precision), at sizes like the benchmark's, the C++ loop's fused CPU kernels give the
+    ATen operators' results (what a GPU runs): the same winners, and every output, state, input attention and
+    gradient within 1e-5 of the tensor's largest magnitude (measured: ~3e-7, a few float32 ulps)."""
+    monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", None)
+    if rims_rl.rim_fast._native() is None:
+        pytest.skip("the C++ loop could not be built here (test_native_loop_builds says why)")
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(rims_rl.rim_fast, "FUSED_KERNELS", fused)
+        torch.manual_seed(0)
+        rim = RIM(16, num_units=6, unit_size=32, k_active=4, cell=cell, dropout=dropout)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 4, 16, generator=g).requires_grad_()
+        starts = torch.zeros(32, 4)
+        starts[10, 2] = 1.0
+        torch.manual_seed(3)
+        out, (h, c), info = rim(x, episode_starts=starts)
+        (out.sin().sum() + h.cos().sum() + c.sum()).backward()
+        results.append(
+            [info.activation_mask, out, h, c, info.input_attention, x.grad, *(p.grad for p in rim.parameters())]
+        )
+    (aten_mask, *aten), (fused_mask, *fused_results) = results
+    assert torch.equal(fused_mask, aten_mask)
+    for a, b in zip(fused_results, aten, strict=True):
+        assert a.dtype == torch.float32
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

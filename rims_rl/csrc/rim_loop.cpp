@@ -10,9 +10,13 @@
 //
 // Layouts: the state is unit-major (K, B, H). Per-sequence buffers are (K, L, B, .) where a weight gradient is
 // formed from all steps at once (h_in, read, h1, rc and their gradients), (L, K, B, .) otherwise.
+#include <ATen/Dispatch.h>
+#include <ATen/record_function.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -38,6 +42,472 @@ Sizes sizes_of(const Tensor& keys, const Tensor& values, const Tensor& h, const 
   return s;
 }
 
+// ---- Fused CPU kernels (used when `fused`: on the CPU) ----
+// The small element-wise parts of a step (input attention over one vector, the selection, the cell's arithmetic, the
+// communication attention among the K units, the gated residual) and their backward each run as one plain C++ loop
+// instead of a dozen ATen operators with their dispatch, views and temporaries; the matrix products, and the sigmoid
+// and tanh of the gates (vectorised by ATen), stay ATen calls. The formulas are those of the ATen code they replace
+// (kept below, for other devices), so the values agree up to rounding: sums in another order, std::exp for the small
+// softmaxes and sigmoids against ATen's vectorised exp. The tests bound the difference.
+template <typename T>
+struct Rows {  // rows of a (K, B, X) tensor whose last axis is contiguous
+  T* p;
+  int64_t sk, sb;
+  explicit Rows(const Tensor& t) : p(nullptr), sk(0), sb(0) {  // an undefined tensor gives null rows
+    if (!t.defined()) return;
+    TORCH_CHECK(t.dim() == 3 && (t.size(2) <= 1 || t.stride(2) == 1), "rim_loop: expected row-contiguous (K, B, X)");
+    p = t.data_ptr<T>();
+    sk = t.stride(0);
+    sb = t.stride(1);
+  }
+  T* operator()(int64_t k, int64_t b) const { return p + k * sk + b * sb; }
+};
+
+template <typename T>
+inline T sigmoid_of(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// Input attention over one vector: per head p = sigmoid(q . key) (or of `score_in`, the projected path's scores), the
+// unit's attention on the input (mean of p over heads), the mean log-odds (the selection's tie-break), and the read
+// p * value (`read`), or p after dropout itself (`p_read`, for the projected path's product).
+template <typename T>
+void attend_cpu(const Tensor& q, const Tensor& score_in, const Tensor& keys_t, const Tensor& values_t,
+                const Tensor& drop, const Tensor& p, const Tensor& on_input, const Tensor& odds, const Tensor& read,
+                const Tensor& p_read) {
+  const int64_t K = p.size(0), B = p.size(1), Hi = p.size(2);
+  T* pp = p.data_ptr<T>();
+  T* on = on_input.data_ptr<T>();
+  T* od = odds.data_ptr<T>();
+  const bool has_q = q.defined(), has_read = read.defined();
+  const T* qp = has_q ? q.data_ptr<T>() : score_in.data_ptr<T>();
+  const int64_t q0 = has_q ? q.stride(0) : score_in.stride(0), q1 = has_q ? q.stride(1) : score_in.stride(1),
+                q2 = has_q ? q.stride(2) : score_in.stride(2), q3 = has_q ? q.stride(3) : 0, dk = has_q ? q.size(3) : 0;
+  const T* kp = has_q ? keys_t.data_ptr<T>() : nullptr;
+  const int64_t k0 = has_q ? keys_t.stride(0) : 0, k1 = has_q ? keys_t.stride(1) : 0, k2 = has_q ? keys_t.stride(2) : 0;
+  const T* vp = has_read ? values_t.data_ptr<T>() : nullptr;
+  const int64_t v0 = has_read ? values_t.stride(0) : 0, v1 = has_read ? values_t.stride(1) : 0,
+                v2 = has_read ? values_t.stride(2) : 0, dv = has_read ? values_t.size(2) : 0;
+  const T* dp = drop.defined() ? drop.data_ptr<T>() : nullptr;
+  const int64_t d0 = dp ? drop.stride(0) : 0, d1 = dp ? drop.stride(1) : 0, d2 = dp ? drop.stride(2) : 0;
+  T* rp = has_read ? read.data_ptr<T>() : nullptr;
+  const int64_t r0 = has_read ? read.stride(0) : 0, r1 = has_read ? read.stride(1) : 0;
+  T* prp = p_read.defined() ? p_read.data_ptr<T>() : nullptr;
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) {
+      T sum_p = 0, sum_s = 0;
+      for (int64_t i = 0; i < Hi; ++i) {
+        const T* qr = qp + k * q0 + b * q1 + i * q2;
+        T s;
+        if (has_q) {
+          const T* kr = kp + b * k0 + i * k1;
+          s = 0;
+          #pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < dk; ++d) s += qr[d * q3] * kr[d * k2];
+        } else {
+          s = *qr;
+        }
+        const T pi = sigmoid_of(s);
+        pp[(k * B + b) * Hi + i] = pi;
+        sum_p += pi;
+        sum_s += s;
+        const T pr = dp ? pi * dp[k * d0 + b * d1 + i * d2] : pi;
+        if (prp) prp[(k * B + b) * Hi + i] = pr;
+        if (has_read) {
+          const T* vr = vp + b * v0 + i * v1;
+          T* rr = rp + k * r0 + b * r1 + i * dv;
+          #pragma omp simd
+          for (int64_t v = 0; v < dv; ++v) rr[v] = pr * vr[v * v2];
+        }
+      }
+      on[k * B + b] = sum_p / T(Hi);
+      od[k * B + b] = sum_s / T(Hi);
+    }
+  }
+}
+
+// rim_fast.select_winners for each sample: the order (on_input desc, log-odds desc, index asc), the first k_active
+// win. Writes the (K, B) mask and, where given, its (K, B, 1) float copy.
+template <typename T>
+void select_cpu(const Tensor& on_input, const Tensor& odds, int64_t k_active, const Tensor& mask, const Tensor& mf) {
+  const int64_t K = on_input.size(0), B = on_input.size(1);
+  const T* on = on_input.data_ptr<T>();
+  const T* od = odds.data_ptr<T>();
+  bool* mk = mask.data_ptr<bool>();
+  T* mfp = mf.defined() ? mf.data_ptr<T>() : nullptr;
+  std::vector<int64_t> order(K);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) order[k] = k;
+    if (k_active < K) {
+      std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+        const T ox = on[x * B + b], oy = on[y * B + b];
+        if (ox != oy) return ox > oy;
+        return od[x * B + b] > od[y * B + b];
+      });
+    }
+    for (int64_t r = 0; r < K; ++r) {
+      const int64_t k = order[r];
+      mk[k * B + b] = r < k_active;
+      if (mfp) mfp[k * B + b] = r < k_active ? T(1) : T(0);
+    }
+  }
+}
+
+// LSTM, after ATen's sigmoid of (i, f, o) and tanh of g in `a`: c_new = f c + i g into `c_new`; with a tape, the
+// step's incoming h and c into h_in and c_in.
+template <typename T>
+void lstm_c_cpu(const Tensor& a, const Tensor& h, const Tensor& c, const Tensor& c_new, const Tensor& h_in,
+                const Tensor& c_in) {
+  const int64_t K = h.size(0), B = h.size(1), H = h.size(2);
+  const Rows<T> ar(a), hr(h), cr(c), nr(c_new), hir(h_in), cir(c_in);
+  const bool rec = h_in.defined();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T *ap = ar(k, b), *cp = cr(k, b);
+      const T *i = ap, *f = ap + H, *g = ap + 3 * H;
+      T* n = nr(k, b);
+      #pragma omp simd
+      for (int64_t j = 0; j < H; ++j) n[j] = f[j] * cp[j] + i[j] * g[j];
+      if (rec) {
+        std::copy(hr(k, b), hr(k, b) + H, hir(k, b));
+        std::copy(cp, cp + H, cir(k, b));
+      }
+    }
+  }
+}
+
+// LSTM, after ATen's tanh of c_new: h1 = o tanh(c_new) for the active units, h for the others; c_new becomes the
+// next cell state in place (the inactive units' c kept).
+template <typename T>
+void lstm_h_cpu(const Tensor& a, const Tensor& tanh_c, const Tensor& h, const Tensor& c, const Tensor& c_new,
+                const Tensor& mask, const Tensor& h1) {
+  const int64_t K = h.size(0), B = h.size(1), H = h.size(2);
+  const Rows<T> ar(a), tr(tanh_c), hr(h), cr(c), nr(c_new), outr(h1);
+  const bool* mk = mask.data_ptr<bool>();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) {
+      T* out = outr(k, b);
+      T* n = nr(k, b);
+      if (mk[k * B + b]) {
+        const T *o = ar(k, b) + 2 * H, *tc = tr(k, b);
+        #pragma omp simd
+        for (int64_t j = 0; j < H; ++j) out[j] = o[j] * tc[j];
+      } else {
+        std::copy(hr(k, b), hr(k, b) + H, out);
+        std::copy(cr(k, b), cr(k, b) + H, n);
+      }
+    }
+  }
+}
+
+// GRU, before ATen's sigmoid: a[r, z] = gx[r, z] + gh[r, z]; the tape's aux = gh_n and h_in.
+template <typename T>
+void gru_rz_cpu(const Tensor& gx, const Tensor& gh, const Tensor& h, const Tensor& a, const Tensor& aux,
+                const Tensor& h_in) {
+  const int64_t K = h.size(0), B = h.size(1), H = h.size(2);
+  const Rows<T> xr(gx), gr(gh), hr(h), ar(a), xar(aux), hir(h_in);
+  const bool rec = h_in.defined();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T *x = xr(k, b), *g = gr(k, b);
+      T* out = ar(k, b);
+      #pragma omp simd
+      for (int64_t j = 0; j < 2 * H; ++j) out[j] = x[j] + g[j];
+      if (rec) {
+        std::copy(g + 2 * H, g + 3 * H, xar(k, b));
+        std::copy(hr(k, b), hr(k, b) + H, hir(k, b));
+      }
+    }
+  }
+}
+
+// GRU, after the sigmoid: a[n] = gx_n + r gh_n (ATen's tanh follows).
+template <typename T>
+void gru_n_cpu(const Tensor& gx, const Tensor& gh, const Tensor& a) {
+  const int64_t K = a.size(0), B = a.size(1), H = gh.size(2) / 3;
+  const Rows<T> xr(gx), gr(gh), ar(a);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T *x = xr(k, b) + 2 * H, *g = gr(k, b) + 2 * H, *r = ar(k, b);
+      T* n = ar(k, b) + 2 * H;
+      #pragma omp simd
+      for (int64_t j = 0; j < H; ++j) n[j] = x[j] + r[j] * g[j];
+    }
+  }
+}
+
+// GRU, after the tanh: h1 = n + z (h - n) for the active units, h for the others.
+template <typename T>
+void gru_h_cpu(const Tensor& a, const Tensor& h, const Tensor& mask, const Tensor& h1) {
+  const int64_t K = h.size(0), B = h.size(1), H = h.size(2);
+  const Rows<T> ar(a), hr(h), outr(h1);
+  const bool* mk = mask.data_ptr<bool>();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* hp = hr(k, b);
+      T* out = outr(k, b);
+      if (mk[k * B + b]) {
+        const T *z = ar(k, b) + H, *n = ar(k, b) + 2 * H;
+        #pragma omp simd
+        for (int64_t j = 0; j < H; ++j) out[j] = n[j] + z[j] * (hp[j] - n[j]);
+      } else {
+        std::copy(hp, hp + H, out);
+      }
+    }
+  }
+}
+
+// Communication attention among the K units of each sample and head: scores k2 . q2 * scale, softmax over the keys
+// (into ac (B*Hc, K keys, K queries)), dropout (drop (B*Hc, K queries, K keys)), and the read of the values into rc
+// (K, B, Hc*cv). qkv (K, B, Hc*(2ck+cv)) holds [q | k | v] per head.
+template <typename T>
+void comm_attend_cpu(const Tensor& qkv, const Tensor& drop, const Tensor& ac, const Tensor& rc, int64_t Hc,
+                     int64_t ck, int64_t cv, double scale) {
+  const int64_t K = qkv.size(0), B = qkv.size(1), dqkv = 2 * ck + cv;
+  const Rows<T> qr(qkv), rr(rc);
+  T* acp = ac.data_ptr<T>();
+  const T* dp = drop.defined() ? drop.data_ptr<T>() : nullptr;
+  const T sc = static_cast<T>(scale);
+  std::vector<T> s(K);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t c = 0; c < Hc; ++c) {
+      T* a = acp + (b * Hc + c) * K * K;  // a[key * K + query]
+      const T* d = dp ? dp + (b * Hc + c) * K * K : nullptr;  // d[query * K + key]
+      for (int64_t q = 0; q < K; ++q) {
+        const T* qv = qr(q, b) + c * dqkv;
+        T mx = -std::numeric_limits<T>::infinity();
+        for (int64_t j = 0; j < K; ++j) {
+          const T* kv = qr(j, b) + c * dqkv + ck;
+          T acc = 0;
+          #pragma omp simd reduction(+ : acc)
+          for (int64_t e = 0; e < ck; ++e) acc += kv[e] * qv[e];
+          s[j] = acc * sc;
+          mx = std::max(mx, s[j]);
+        }
+        T sum = 0;
+        for (int64_t j = 0; j < K; ++j) {
+          s[j] = std::exp(s[j] - mx);
+          sum += s[j];
+        }
+        T* out = rr(q, b) + c * cv;
+        std::fill(out, out + cv, T(0));
+        for (int64_t j = 0; j < K; ++j) {
+          const T w = s[j] / sum;
+          a[j * K + q] = w;
+          const T wr = d ? w * d[q * K + j] : w;
+          const T* vv = qr(j, b) + c * dqkv + 2 * ck;
+          #pragma omp simd
+          for (int64_t e = 0; e < cv; ++e) out[e] += wr * vv[e];
+        }
+      }
+    }
+  }
+}
+
+// The gated residual: out = h1 + gate * update for the active units, h1 for the others.
+template <typename T>
+void residual_cpu(const Tensor& ug, const Tensor& h1, const Tensor& mask, const Tensor& out) {
+  const int64_t K = h1.size(0), B = h1.size(1), H = h1.size(2);
+  const Rows<T> ur(ug), hr(h1), outr(out);
+  const bool* mk = mask.data_ptr<bool>();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* hp = hr(k, b);
+      T* o = outr(k, b);
+      if (mk[k * B + b]) {
+        const T *u = ur(k, b), *g = ur(k, b) + H;
+        #pragma omp simd
+        for (int64_t j = 0; j < H; ++j) o[j] = hp[j] + g[j] * u[j];
+      } else {
+        std::copy(hp, hp + H, o);
+      }
+    }
+  }
+}
+
+// Backward: dh += d_output (into dh_acc) and, with communication, the gradients of the residual's pre-activations,
+// d_pre = [d_update | d_gate] (K, B, 2H) of the active units (zero for the others).
+template <typename T>
+void residual_backward_cpu(const Tensor& dh, const Tensor& d_out, const Tensor& dh_acc, const Tensor& ug,
+                           const Tensor& mf, const Tensor& d_pre) {
+  const int64_t K = dh.size(0), B = dh.size(1), H = dh.size(2);
+  const Rows<T> dr(dh), ar(dh_acc), outr(d_out), ugr(ug), pr(d_pre);
+  const bool has_out = d_out.defined(), comm = d_pre.defined();
+  const T* m = mf.data_ptr<T>();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* g0 = dr(k, b);
+      T* acc = ar(k, b);
+      if (has_out) {
+        const T* go = outr(k, b);
+        #pragma omp simd
+        for (int64_t j = 0; j < H; ++j) acc[j] = g0[j] + go[j];
+      } else if (acc != g0) {
+        std::copy(g0, g0 + H, acc);
+      }
+      if (!comm) continue;
+      T* dp = pr(k, b);
+      const T mk = m[k * B + b];
+      const T *u = ugr(k, b), *g = u + H;
+      #pragma omp simd
+      for (int64_t j = 0; j < H; ++j) {
+        const T da = acc[j] * mk;
+        dp[j] = da * g[j] * (T(1) - u[j] * u[j]);
+        dp[H + j] = da * u[j] * (T(1) - g[j]) * g[j];
+      }
+    }
+  }
+}
+
+// Backward of comm_attend_cpu: from d_rc (K, B, Hc*cv), the gradients of [q | k | v] per head into d_qkv.
+template <typename T>
+void comm_attend_backward_cpu(const Tensor& d_rc, const Tensor& qkv, const Tensor& ac, const Tensor& drop,
+                              const Tensor& d_qkv, int64_t Hc, int64_t ck, int64_t cv, double scale) {
+  const int64_t K = qkv.size(0), B = qkv.size(1), dqkv = 2 * ck + cv;
+  const Rows<T> gr(d_rc), qr(qkv), outr(d_qkv);
+  const T* acp = ac.data_ptr<T>();
+  const T* dp = drop.defined() ? drop.data_ptr<T>() : nullptr;
+  const T sc = static_cast<T>(scale);
+  std::vector<T> d_ac(K), d_s(K * K);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t c = 0; c < Hc; ++c) {
+      const T* a = acp + (b * Hc + c) * K * K;  // a[key * K + query]
+      const T* d = dp ? dp + (b * Hc + c) * K * K : nullptr;  // d[query * K + key]
+      for (int64_t j = 0; j < K; ++j) std::fill(outr(j, b) + c * dqkv, outr(j, b) + (c + 1) * dqkv, T(0));
+      for (int64_t q = 0; q < K; ++q) {
+        const T* g = gr(q, b) + c * cv;
+        T dot = 0;
+        for (int64_t j = 0; j < K; ++j) {
+          const T* vv = qr(j, b) + c * dqkv + 2 * ck;
+          T acc = 0;
+          #pragma omp simd reduction(+ : acc)
+          for (int64_t e = 0; e < cv; ++e) acc += g[e] * vv[e];
+          const T dr = d ? d[q * K + j] : T(1);
+          d_ac[j] = acc * dr;
+          const T w = a[j * K + q] * dr;  // d_v[key] += w d_rc[query]
+          T* dv = outr(j, b) + c * dqkv + 2 * ck;
+          #pragma omp simd
+          for (int64_t e = 0; e < cv; ++e) dv[e] += w * g[e];
+          dot += d_ac[j] * a[j * K + q];
+        }
+        for (int64_t j = 0; j < K; ++j) d_s[j * K + q] = a[j * K + q] * (d_ac[j] - dot);
+      }
+      for (int64_t q = 0; q < K; ++q) {  // d_q[query] = scale sum_key d_s k[key]; d_k[key] = scale sum_query d_s q
+        T* dq = outr(q, b) + c * dqkv;
+        T* dkey = outr(q, b) + c * dqkv + ck;
+        for (int64_t j = 0; j < K; ++j) {
+          const T* kv = qr(j, b) + c * dqkv + ck;
+          const T* qv = qr(j, b) + c * dqkv;
+          const T wq = d_s[j * K + q] * sc, wk = d_s[q * K + j] * sc;
+          #pragma omp simd
+          for (int64_t e = 0; e < ck; ++e) {
+            dq[e] += wq * kv[e];
+            dkey[e] += wk * qv[e];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Backward of the cell: from dh1 (the gradient entering the state after the dynamics) and dc, the gradients of the
+// gates into d_gates (LSTM: [i f o g]; GRU: d_gx [r z n] and d_gh [r z n*r]), dc in place, and dh_prev (the part that
+// goes back through the kept state and, for a GRU, z h).
+template <typename T>
+void cell_backward_cpu(bool lstm, const Tensor& dh1, const Tensor& dc, const Tensor& mf, const Tensor& a,
+                       const Tensor& aux, const Tensor& c_in, const Tensor& h_in, const Tensor& d_gx,
+                       const Tensor& d_gh, const Tensor& dh_prev) {
+  const int64_t K = dh1.size(0), B = dh1.size(1), H = dh1.size(2);
+  const Rows<T> hr(dh1), ar(a), xr(aux), pr(dh_prev), gr(d_gh), cr(dc), cir(c_in), hir(h_in), dxr(d_gx);
+  const T* m = mf.data_ptr<T>();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T mk = m[k * B + b];
+      const T *g1 = hr(k, b), *ap = ar(k, b), *x = xr(k, b);
+      T *dprev = pr(k, b), *dg = gr(k, b);
+      if (lstm) {
+        T* dcp = cr(k, b);
+        const T* cin = cir(k, b);
+        const T *i = ap, *f = ap + H, *o = ap + 2 * H, *g = ap + 3 * H;
+        #pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          const T dha = g1[j] * mk, dca = dcp[j] * mk;
+          const T dcn = dha * o[j] * (T(1) - x[j] * x[j]) + dca;
+          dg[j] = dcn * g[j] * (T(1) - i[j]) * i[j];
+          dg[H + j] = dcn * cin[j] * (T(1) - f[j]) * f[j];
+          dg[2 * H + j] = dha * x[j] * (T(1) - o[j]) * o[j];
+          dg[3 * H + j] = dcn * i[j] * (T(1) - g[j] * g[j]);
+          dcp[j] = dcp[j] - dca + dcn * f[j];
+          dprev[j] = g1[j] - dha;
+        }
+      } else {
+        T* dx = dxr(k, b);
+        const T* hin = hir(k, b);
+        const T *r = ap, *z = ap + H, *n = ap + 2 * H;
+        #pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          const T dha = g1[j] * mk;
+          const T dn = (dha - dha * z[j]) * (T(1) - n[j] * n[j]);
+          const T dr = dn * x[j] * (T(1) - r[j]) * r[j];
+          const T dz = dha * (hin[j] - n[j]) * (T(1) - z[j]) * z[j];
+          dx[j] = dr;
+          dx[H + j] = dz;
+          dx[2 * H + j] = dn;
+          dg[j] = dr;
+          dg[H + j] = dz;
+          dg[2 * H + j] = dn * r[j];
+          dprev[j] = g1[j] - dha + dha * z[j];
+        }
+      }
+    }
+  }
+}
+
+// Backward of attend_cpu (the read path): d_p = d_read . value per head, through the dropout and the sigmoid into
+// d_s, and d_q = d_s key.
+template <typename T>
+void attend_backward_cpu(const Tensor& d_read, const Tensor& values_t, const Tensor& keys_t, const Tensor& drop,
+                         const Tensor& p, const Tensor& d_s, const Tensor& d_q) {
+  const int64_t K = p.size(0), B = p.size(1), Hi = p.size(2), dv = values_t.size(2), dk = keys_t.size(2);
+  const Rows<T> rr(d_read), sr(d_s), qr(d_q);
+  const T* pp = p.data_ptr<T>();
+  const T* vp = values_t.data_ptr<T>();
+  const T* kp = keys_t.data_ptr<T>();
+  const T* dp = drop.defined() ? drop.data_ptr<T>() : nullptr;
+  const int64_t v0 = values_t.stride(0), v1 = values_t.stride(1), v2 = values_t.stride(2);
+  const int64_t k0 = keys_t.stride(0), k1 = keys_t.stride(1), k2 = keys_t.stride(2);
+  const int64_t d0 = dp ? drop.stride(0) : 0, d1 = dp ? drop.stride(1) : 0, d2 = dp ? drop.stride(2) : 0;
+  const int64_t p0 = p.stride(0), p1 = p.stride(1), p2 = p.stride(2);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* g = rr(k, b);
+      T* ds = sr(k, b);
+      T* dq = qr(k, b);
+      for (int64_t i = 0; i < Hi; ++i) {
+        const T* vr = vp + b * v0 + i * v1;
+        T acc = 0;
+        #pragma omp simd reduction(+ : acc)
+        for (int64_t v = 0; v < dv; ++v) acc += g[i * dv + v] * vr[v * v2];
+        if (dp) acc *= dp[k * d0 + b * d1 + i * d2];
+        const T pi = pp[k * p0 + b * p1 + i * p2];
+        const T s = acc * (T(1) - pi) * pi;
+        ds[i] = s;
+        const T* kr = kp + b * k0 + i * k1;
+        #pragma omp simd
+        for (int64_t d = 0; d < dk; ++d) dq[i * dk + d] = s * kr[d * k2];
+      }
+    }
+  }
+}
+
+// One fused kernel: dispatched on the dtype (float or double), and named for the profiler (benchmark_core.py
+// counts it as one kernel).
+#define RIM_FUSED(name, ...)                                                  \
+  do {                                                                        \
+    RECORD_FUNCTION("rims_rl::" name, std::vector<c10::IValue>());            \
+    AT_DISPATCH_FLOATING_TYPES(dtype, name, [&] { __VA_ARGS__; });            \
+  } while (0)
+
 }  // namespace
 
 // Forward over a sequence. Returns [outputs (L,K,B,H), h_n, c_n (empty for a GRU), masks (L,K,B) bool,
@@ -56,7 +526,7 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
                                 const std::optional<Tensor>& score_bias, const std::optional<Tensor>& proj_gates,
                                 const std::optional<Tensor>& gate_bias, const std::optional<Tensor>& drop_in,
                                 const std::optional<Tensor>& drop_c, int64_t k_active, int64_t Hc, int64_t ck,
-                                int64_t cv, bool lstm, bool communication, bool record, bool merged) {
+                                int64_t cv, bool lstm, bool communication, bool record, bool merged, bool fused) {
   at::NoGradGuard no_grad;  // also when called from a thread of its own (grad mode is per thread)
   const Sizes s = sizes_of(keys, values, h, wih);
   const int64_t L = s.L, K = s.K, B = s.B, H = s.H, Hi = s.Hi, dk = s.dk, dv = s.dv, dq = s.dq, G = s.G;
@@ -96,13 +566,40 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
     }
   }
 
+  // fused: the CPU kernels above for the element-wise parts (float and double); elsewhere ATen operators only
+  fused = fused && h.is_cpu() && (h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble);
+  const auto dtype = h.scalar_type();
+  Tensor odds, read_buf, p_buf, p_read_buf, a_buf, tanh_buf, h1_buf, qkv_buf, ac_buf, rc_buf, ug_buf, c_buf[2];
+  Tensor drop_c_all;
+  if (fused) {  // the fused kernels index rows directly: a contiguous state, and buffers reused at every step
+    h = h.contiguous();
+    if (lstm) c = c.contiguous();
+    if (drop_c) drop_c_all = drop_c->contiguous();
+    odds = at::empty({K, B}, opt);
+    if (!record) {
+      p_buf = at::empty({K, B, Hi}, opt);
+      if (!projected) read_buf = at::empty({K, B, Hi * dv}, opt);
+      a_buf = at::empty({K, B, G}, opt);
+      if (lstm) tanh_buf = at::empty({K, B, H}, opt);
+      if (communication) {
+        h1_buf = at::empty({K, B, H}, opt);
+        qkv_buf = at::empty({K, B, Hc * dqkv}, opt);
+        ac_buf = at::empty({B * Hc, K, K}, opt);
+        rc_buf = at::empty({K, B, Hc * cv}, opt);
+        ug_buf = at::empty({K, B, 2 * H}, opt);
+      }
+    }
+    if (projected) p_read_buf = at::empty({K, B, Hi}, opt);
+    if (lstm) c_buf[0] = at::empty({K, B, H}, opt), c_buf[1] = at::empty({K, B, H}, opt);
+  }
+
   for (int64_t t = 0; t < L; ++t) {
     if (reset_steps[t]) {  // sb3-contrib's convention: the state is zeroed before the first step of an episode
       const Tensor k = (*keep)[t];
       h = h * k;
       if (lstm) c = c * k;
     }
-    if (record) {
+    if (record && !fused) {  // (the fused cell kernels copy them)
       h_in.select(1, t).copy_(h);
       if (lstm) c_in[t].copy_(c);
     }
@@ -119,13 +616,29 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
     } else {
       q = at::baddbmm(bq, h, wq).view({K, B, Hi, dk});
     }
-    if (!projected) score = (q * keys[t]).sum(-1);  // (K, B, Hi)
-    Tensor p = record ? p_all[t] : at::empty({K, B, Hi}, opt);
-    at::sigmoid_out(p, score);
+    Tensor p = record ? p_all[t] : (fused ? p_buf : at::empty({K, B, Hi}, opt));
     Tensor on_input = attention[t];  // (K, B) = 1 - null attention
-    at::mean_out(on_input, p, at::IntArrayRef{-1}, false);
-    const Tensor p_read = drop_in ? p * (*drop_in)[t] : p;  // the winners are chosen before dropout
-    Tensor read, gates, gx;
+    Tensor read, gates, gx, p_read;
+    const Tensor drop_in_t = drop_in ? (*drop_in)[t] : Tensor();
+    if (fused) {
+      if (!projected) read = record ? read_all.select(1, t) : read_buf;
+      if (projected) p_read = p_read_buf;
+      RIM_FUSED("attend", attend_cpu<scalar_t>(projected ? Tensor() : q, projected ? score : Tensor(),
+                                               projected ? Tensor() : keys[t], projected ? Tensor() : values[t],
+                                               drop_in_t, p, on_input, odds, read, p_read));
+    } else {
+      if (!projected) score = (q * keys[t]).sum(-1);  // (K, B, Hi)
+      at::sigmoid_out(p, score);
+      at::mean_out(on_input, p, at::IntArrayRef{-1}, false);
+      p_read = drop_in ? p * drop_in_t : p;  // the winners are chosen before dropout
+      if (!projected && record) {
+        read = read_all.select(1, t);
+        Tensor read4 = read.view({K, B, Hi, dv});
+        at::mul_out(read4, p_read.unsqueeze(-1), values[t]);
+      } else if (!projected) {
+        read = (p_read.unsqueeze(-1) * values[t]).view({K, B, Hi * dv});
+      }
+    }
     if (projected) {
       gx = at::baddbmm(*gate_bias, p_read.view({K * B, 1, Hi}), (*proj_gates)[t]).view({K, B, G});
       if (lstm) {
@@ -133,48 +646,63 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
       } else {
         gh = at::baddbmm(*bhh, h, whh);
       }
-    } else if (record) {
-      read = read_all.select(1, t);
-      Tensor read4 = read.view({K, B, Hi, dv});
-      at::mul_out(read4, p_read.unsqueeze(-1), values[t]);
-    } else {
-      read = (p_read.unsqueeze(-1) * values[t]).view({K, B, Hi * dv});
-    }
-    if (!projected && lstm) {
+    } else if (lstm) {
       gates = merged ? at::baddbmm(gh, read, wih) : at::baddbmm(at::baddbmm(bih, read, wih), h, whh);
-    } else if (!projected) {
+    } else {
       gx = at::baddbmm(bih, read, wih);
       if (!merged) gh = at::baddbmm(*bhh, h, whh);
     }
-    Tensor active = all_active;
-    if (k_active < K) {  // the k_A units with the least attention on the null element
-      // rim_fast.select_winners: (on_input desc, log-odds desc, index asc); the log-odds break a saturated
-      // softmax's exact ties (std::get<1> of a stable sort keeps equal elements in their order)
-      Tensor by_odds = std::get<1>(at::sort(score.mean(-1), /*stable=*/true, 0, /*descending=*/true));
-      Tensor order = std::get<1>(at::sort(on_input.gather(0, by_odds), /*stable=*/true, 0, /*descending=*/true));
-      Tensor winners = by_odds.gather(0, order.narrow(0, 0, k_active));
-      active = no_winner.scatter(0, winners, true);
+    Tensor active = masks[t];  // (K, B) bool: the k_A units with the least attention on the null element
+    if (fused) {
+      RIM_FUSED("select", select_cpu<scalar_t>(on_input, odds, k_active, active,
+                                               record ? mf_all[t].view({K, B}) : Tensor()));
+    } else {
+      Tensor chosen = all_active;
+      if (k_active < K) {
+        // rim_fast.select_winners: (on_input desc, log-odds desc, index asc); the log-odds break a saturated
+        // softmax's exact ties (std::get<1> of a stable sort keeps equal elements in their order)
+        Tensor by_odds = std::get<1>(at::sort(score.mean(-1), /*stable=*/true, 0, /*descending=*/true));
+        Tensor order = std::get<1>(at::sort(on_input.gather(0, by_odds), /*stable=*/true, 0, /*descending=*/true));
+        Tensor winners = by_odds.gather(0, order.narrow(0, 0, k_active));
+        chosen = no_winner.scatter(0, winners, true);
+      }
+      active.copy_(chosen);
+      if (record) mf_all[t].copy_(active.unsqueeze(-1));
     }
-    masks[t].copy_(active);
     const Tensor m = active.unsqueeze(-1);
-    if (record) mf_all[t].copy_(m);
 
     // ---- 3. Independent dynamics (§2.1): all units computed, the losers' state kept exactly ----
     // the state entering communication; without communication, the step's output itself
-    Tensor h1 = !communication ? outputs[t] : (record ? h1_all.select(1, t) : at::empty({K, B, H}, opt));
+    Tensor h1 = !communication ? outputs[t]
+                               : (record ? h1_all.select(1, t) : (fused ? h1_buf : at::empty({K, B, H}, opt)));
+    Tensor a = record ? act[t] : (fused ? a_buf : at::empty({K, B, G}, opt));
     if (lstm) {
-      Tensor a = record ? act[t] : at::empty({K, B, G}, opt);
       Tensor ifo = a.narrow(2, 0, 3 * H), g = a.narrow(2, 3 * H, H);
       at::sigmoid_out(ifo, gates.narrow(2, 0, 3 * H));
       at::tanh_out(g, gates.narrow(2, 3 * H, H));
-      Tensor i = ifo.narrow(2, 0, H), f = ifo.narrow(2, H, H), o = ifo.narrow(2, 2 * H, H);
-      Tensor c_new = at::addcmul(f * c, i, g);
-      Tensor tanh_c = record ? aux[t] : at::empty({K, B, H}, opt);
-      at::tanh_out(tanh_c, c_new);
-      at::where_out(h1, m, o * tanh_c, h);
-      c = at::where(m, c_new, c);
+      Tensor tanh_c = record ? aux[t] : (fused ? tanh_buf : at::empty({K, B, H}, opt));
+      if (fused) {
+        Tensor c_new = c_buf[t % 2];
+        RIM_FUSED("lstm_c", lstm_c_cpu<scalar_t>(a, h, c, c_new, record ? h_in.select(1, t) : Tensor(),
+                                                 record ? c_in[t] : Tensor()));
+        at::tanh_out(tanh_c, c_new);
+        RIM_FUSED("lstm_h", lstm_h_cpu<scalar_t>(a, tanh_c, h, c, c_new, active, h1));
+        c = c_new;
+      } else {
+        Tensor i = ifo.narrow(2, 0, H), f = ifo.narrow(2, H, H), o = ifo.narrow(2, 2 * H, H);
+        Tensor c_new = at::addcmul(f * c, i, g);
+        at::tanh_out(tanh_c, c_new);
+        at::where_out(h1, m, o * tanh_c, h);
+        c = at::where(m, c_new, c);
+      }
+    } else if (fused) {
+      RIM_FUSED("gru_rz", gru_rz_cpu<scalar_t>(gx, gh, h, a, record ? aux[t] : Tensor(),
+                                               record ? h_in.select(1, t) : Tensor()));
+      a.narrow(2, 0, 2 * H).sigmoid_();
+      RIM_FUSED("gru_n", gru_n_cpu<scalar_t>(gx, gh, a));
+      a.narrow(2, 2 * H, H).tanh_();
+      RIM_FUSED("gru_h", gru_h_cpu<scalar_t>(a, h, active, h1));
     } else {
-      Tensor a = record ? act[t] : at::empty({K, B, G}, opt);
       Tensor rz = a.narrow(2, 0, 2 * H), n = a.narrow(2, 2 * H, H);
       at::sigmoid_out(rz, gx.narrow(2, 0, 2 * H) + gh.narrow(2, 0, 2 * H));
       Tensor r = rz.narrow(2, 0, H), z = rz.narrow(2, H, H);
@@ -186,26 +714,35 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
 
     // ---- 4. Communication (§2.4): active units read all units; gated, squashed residual ----
     if (communication) {
-      Tensor qkv = record ? qkv_all[t] : at::empty({K, B, Hc * dqkv}, opt);
+      Tensor qkv = record ? qkv_all[t] : (fused ? qkv_buf : at::empty({K, B, Hc * dqkv}, opt));
       at::bmm_out(qkv, h1, *wqkv);
-      Tensor qkv_t = qkv.view({K, B * Hc, dqkv}).transpose(0, 1);  // (B*Hc, K, 2ck+cv)
-      Tensor q2 = qkv_t.narrow(2, 0, ck), k2 = qkv_t.narrow(2, ck, ck), v2 = qkv_t.narrow(2, 2 * ck, cv);
-      // scores key-major (B*Hc, K keys, K queries), normalised over dim 1
-      Tensor scores = at::baddbmm(zero, k2, q2.transpose(1, 2), 0.0, scale);
-      Tensor ac_t = record ? ac_all[t] : at::empty({B * Hc, K, K}, opt);
-      at::_softmax_out(ac_t, scores, 1, false);
-      Tensor ac_read = ac_t.transpose(1, 2);  // (B*Hc, K queries, K keys)
-      if (drop_c) ac_read = ac_read * (*drop_c)[t];
-      Tensor rc4 = at::bmm(ac_read, v2).view({B, Hc, K, cv}).permute({2, 0, 1, 3});
-      Tensor rc = record ? rc_all.select(1, t) : at::empty({K, B, Hc * cv}, opt);
-      rc.view({K, B, Hc, cv}).copy_(rc4);
+      Tensor ac_t = record ? ac_all[t] : (fused ? ac_buf : at::empty({B * Hc, K, K}, opt));
+      Tensor rc = record ? rc_all.select(1, t) : (fused ? rc_buf : at::empty({K, B, Hc * cv}, opt));
+      if (fused) {
+        RIM_FUSED("comm_attend", comm_attend_cpu<scalar_t>(qkv, drop_c ? drop_c_all[t] : Tensor(), ac_t, rc, Hc,
+                                                           ck, cv, scale));
+      } else {
+        Tensor qkv_t = qkv.view({K, B * Hc, dqkv}).transpose(0, 1);  // (B*Hc, K, 2ck+cv)
+        Tensor q2 = qkv_t.narrow(2, 0, ck), k2 = qkv_t.narrow(2, ck, ck), v2 = qkv_t.narrow(2, 2 * ck, cv);
+        // scores key-major (B*Hc, K keys, K queries), normalised over dim 1
+        Tensor scores = at::baddbmm(zero, k2, q2.transpose(1, 2), 0.0, scale);
+        at::_softmax_out(ac_t, scores, 1, false);
+        Tensor ac_read = ac_t.transpose(1, 2);  // (B*Hc, K queries, K keys)
+        if (drop_c) ac_read = ac_read * (*drop_c)[t];
+        Tensor rc4 = at::bmm(ac_read, v2).view({B, Hc, K, cv}).permute({2, 0, 1, 3});
+        rc.view({K, B, Hc, cv}).copy_(rc4);
+      }
       Tensor pre = at::baddbmm(*bout, rc, *wout);
-      Tensor ug = record ? ug_all[t] : at::empty({K, B, 2 * H}, opt);
+      Tensor ug = record ? ug_all[t] : (fused ? ug_buf : at::empty({K, B, 2 * H}, opt));
       Tensor update = ug.narrow(2, 0, H), gate = ug.narrow(2, H, H);
       at::tanh_out(update, pre.narrow(2, 0, H));
       at::sigmoid_out(gate, pre.narrow(2, H, H));
       Tensor out_t = outputs[t];
-      at::where_out(out_t, m, at::addcmul(h1, gate, update), h1);
+      if (fused) {
+        RIM_FUSED("residual", residual_cpu<scalar_t>(ug, h1, active, out_t));
+      } else {
+        at::where_out(out_t, m, at::addcmul(h1, gate, update), h1);
+      }
     }
     h = outputs[t];
   }
@@ -233,7 +770,8 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
                                  const std::optional<Tensor>& wqkv, const std::optional<Tensor>& wout,
                                  const std::optional<Tensor>& score_weight, const std::optional<Tensor>& proj_gates,
                                  const std::optional<Tensor>& drop_in, const std::optional<Tensor>& drop_c,
-                                 int64_t Hc, int64_t ck, int64_t cv, bool lstm, bool communication) {
+                                 int64_t Hc, int64_t ck, int64_t cv, bool lstm, bool communication,
+                                 bool fused) {
   at::NoGradGuard no_grad;
   const bool projected = score_weight.has_value();
   const int64_t K = h_in.size(0), L = h_in.size(1), B = h_in.size(2), H = h_in.size(3);
@@ -261,46 +799,88 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
   const Tensor w_h_t = (projected ? whh : at::cat({wq, whh}, -1)).transpose(1, 2);
   const Tensor wih_t = wih.transpose(1, 2);
 
-  for (int64_t t = L - 1; t >= 0; --t) {
-    if (d_outputs) dh = dh + (*d_outputs)[t];
-    const Tensor mf = mf_all[t];  // (K, B, 1), 1.0 for the active units
+  // fused: as in rim_forward
+  fused = fused && h_in.is_cpu() && (h_in.scalar_type() == at::kFloat || h_in.scalar_type() == at::kDouble);
+  const auto dtype = h_in.scalar_type();
+  Tensor d_out_all, drop_c_all, dh_acc_buf, dh_prev_buf;
+  if (fused) {  // row-contiguous inputs for the kernels, and a cell-state gradient of our own to update in place
+    if (d_outputs) d_out_all = d_outputs->contiguous();
+    if (drop_c) drop_c_all = drop_c->contiguous();
+    dh = dh.contiguous();
+    if (lstm) dc = d_cn ? d_cn->clone(at::MemoryFormat::Contiguous) : dc;
+    dh_acc_buf = at::empty({K, B, H}, opt);
+    dh_prev_buf = at::empty({K, B, H}, opt);
+  }
 
-    // ---- 4. communication ----
-    Tensor dh1 = dh;
-    if (communication) {
-      const Tensor ug = ug_all[t];
-      const Tensor update = ug.narrow(2, 0, H), gate = ug.narrow(2, H, H);
-      const Tensor dh_active = dh * mf;
-      Tensor d_pre = d_pre_all.select(1, t);
-      Tensor d_update = d_pre.narrow(2, 0, H), d_gate = d_pre.narrow(2, H, H);
-      at::tanh_backward_out(d_update, dh_active * gate, update);
-      at::sigmoid_backward_out(d_gate, dh_active * update, gate);
-      const Tensor d_rc = at::bmm(d_pre, wout_t).view({K, B * Hc, cv}).transpose(0, 1);  // (B*Hc, K, cv)
-      const Tensor qkv_t = qkv_all[t].view({K, B * Hc, dqkv}).transpose(0, 1);
-      const Tensor q2 = qkv_t.narrow(2, 0, ck), k2 = qkv_t.narrow(2, ck, ck), v2 = qkv_t.narrow(2, 2 * ck, cv);
-      const Tensor ac_t = ac_all[t];  // (B*Hc, K keys, K queries)
-      Tensor d_ac = at::bmm(d_rc, v2.transpose(1, 2));  // (B*Hc, K queries, K keys)
-      Tensor d_v2;
-      if (drop_c) {  // through the dropped read, as the forward formed it
-        const Tensor drop = (*drop_c)[t];
-        d_v2 = at::bmm((ac_t.transpose(1, 2) * drop).transpose(1, 2), d_rc);
-        d_ac = d_ac * drop;
-      } else {
-        d_v2 = at::bmm(ac_t, d_rc);
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const Tensor mf = mf_all[t];  // (K, B, 1), 1.0 for the active units
+    Tensor dh1;
+    if (fused) {
+      // ---- 4. communication ----
+      Tensor dh_acc = (d_outputs || communication) ? dh_acc_buf : dh;
+      if (d_outputs || communication) {
+        RIM_FUSED("residual_backward",
+                  residual_backward_cpu<scalar_t>(dh, d_outputs ? d_out_all[t] : Tensor(), dh_acc,
+                                                  communication ? ug_all[t] : Tensor(), mf,
+                                                  communication ? d_pre_all.select(1, t) : Tensor()));
       }
-      const Tensor d_scores_t = at::_softmax_backward_data(d_ac.transpose(1, 2), ac_t, 1, ac_t.scalar_type());
-      const Tensor d_q2 = at::baddbmm(zero, d_scores_t.transpose(1, 2), k2, 0.0, scale);
-      const Tensor d_k2 = at::baddbmm(zero, d_scores_t, q2, 0.0, scale);
-      Tensor d_qkv = d_qkv_all.select(1, t);
-      d_qkv.view({K, B, Hc, dqkv}).copy_(at::cat({d_q2, d_k2, d_v2}, -1).view({B, Hc, K, dqkv}).permute({2, 0, 1, 3}));
-      dh1 = at::baddbmm(dh, d_qkv, wqkv_t);  // residual + through q, k, v
+      dh1 = dh_acc;
+      if (communication) {
+        const Tensor d_rc = at::bmm(d_pre_all.select(1, t), wout_t);  // (K, B, Hc*cv)
+        Tensor d_qkv = d_qkv_all.select(1, t);
+        RIM_FUSED("comm_attend_backward",
+                  comm_attend_backward_cpu<scalar_t>(d_rc, qkv_all[t], ac_all[t], drop_c ? drop_c_all[t] : Tensor(),
+                                                     d_qkv, Hc, ck, cv, scale));
+        dh1 = at::baddbmm(dh_acc, d_qkv, wqkv_t);  // residual + through q, k, v
+      }
+      // ---- 3. dynamics ----
+      RIM_FUSED("cell_backward",
+                cell_backward_cpu<scalar_t>(lstm, dh1, lstm ? dc : Tensor(), mf, act[t], aux[t],
+                                            lstm ? c_in[t] : Tensor(), lstm ? Tensor() : h_in.select(1, t),
+                                            lstm ? Tensor() : d_gx.select(1, t), d_gh.select(1, t), dh_prev_buf));
+    } else {
+      if (d_outputs) dh = dh + (*d_outputs)[t];
+
+      // ---- 4. communication ----
+      dh1 = dh;
+      if (communication) {
+        const Tensor ug = ug_all[t];
+        const Tensor update = ug.narrow(2, 0, H), gate = ug.narrow(2, H, H);
+        const Tensor dh_active = dh * mf;
+        Tensor d_pre = d_pre_all.select(1, t);
+        Tensor d_update = d_pre.narrow(2, 0, H), d_gate = d_pre.narrow(2, H, H);
+        at::tanh_backward_out(d_update, dh_active * gate, update);
+        at::sigmoid_backward_out(d_gate, dh_active * update, gate);
+        const Tensor d_rc = at::bmm(d_pre, wout_t).view({K, B * Hc, cv}).transpose(0, 1);  // (B*Hc, K, cv)
+        const Tensor qkv_t = qkv_all[t].view({K, B * Hc, dqkv}).transpose(0, 1);
+        const Tensor q2 = qkv_t.narrow(2, 0, ck), k2 = qkv_t.narrow(2, ck, ck), v2 = qkv_t.narrow(2, 2 * ck, cv);
+        const Tensor ac_t = ac_all[t];  // (B*Hc, K keys, K queries)
+        Tensor d_ac = at::bmm(d_rc, v2.transpose(1, 2));  // (B*Hc, K queries, K keys)
+        Tensor d_v2;
+        if (drop_c) {  // through the dropped read, as the forward formed it
+          const Tensor drop = (*drop_c)[t];
+          d_v2 = at::bmm((ac_t.transpose(1, 2) * drop).transpose(1, 2), d_rc);
+          d_ac = d_ac * drop;
+        } else {
+          d_v2 = at::bmm(ac_t, d_rc);
+        }
+        const Tensor d_scores_t = at::_softmax_backward_data(d_ac.transpose(1, 2), ac_t, 1, ac_t.scalar_type());
+        const Tensor d_q2 = at::baddbmm(zero, d_scores_t.transpose(1, 2), k2, 0.0, scale);
+        const Tensor d_k2 = at::baddbmm(zero, d_scores_t, q2, 0.0, scale);
+        Tensor d_qkv = d_qkv_all.select(1, t);
+        d_qkv.view({K, B, Hc, dqkv})
+            .copy_(at::cat({d_q2, d_k2, d_v2}, -1).view({B, Hc, K, dqkv}).permute({2, 0, 1, 3}));
+        dh1 = at::baddbmm(dh, d_qkv, wqkv_t);  // residual + through q, k, v
+      }
     }
 
     // ---- 3. dynamics ----
-    const Tensor dh1_active = dh1 * mf;
     Tensor dh_prev;
-    const Tensor a = act[t];
-    if (lstm) {
+    if (fused) {
+      dh_prev = dh_prev_buf;  // (the fused kernel above)
+    } else if (lstm) {
+      const Tensor dh1_active = dh1 * mf;
+      const Tensor a = act[t];
       const Tensor i = a.narrow(2, 0, H), f = a.narrow(2, H, H), o = a.narrow(2, 2 * H, H), g = a.narrow(2, 3 * H, H);
       const Tensor tanh_c = aux[t];
       const Tensor dc_active = dc * mf;
@@ -315,6 +895,8 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
       dc = at::addcmul(dc - dc_active, dc_new, f);
       dh_prev = dh1 - dh1_active;
     } else {
+      const Tensor dh1_active = dh1 * mf;
+      const Tensor a = act[t];
       const Tensor r = a.narrow(2, 0, H), z = a.narrow(2, H, H), n = a.narrow(2, 2 * H, H);
       const Tensor gh_n = aux[t];
       Tensor dgx = d_gx.select(1, t), dgh = d_gh.select(1, t);
@@ -342,25 +924,31 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
       if (reset_steps[t]) {
         const Tensor k = (*keep)[t];
         dh_prev = dh_prev * k;
-        if (lstm) dc = dc * k;
+        if (lstm) dc = fused ? dc.mul_(k) : dc * k;
       }
       dh = dh_prev;
       continue;
     }
     Tensor d_read = d_read_all[t];  // (K, B, Hi*dv)
     at::bmm_out(d_read, d_gx.select(1, t), wih_t);
-    Tensor d_q = d_hz.select(1, t).narrow(2, 0, dq).view({K, B, Hi, dk});
-    Tensor d_p = (d_read.view({K, B, Hi, dv}) * values[t]).sum(-1);  // (K, B, Hi)
-    if (drop_in) d_p = d_p * (*drop_in)[t];
     Tensor d_s = d_s_all.select(1, t);
-    at::sigmoid_backward_out(d_s, d_p, p_all[t]);
-    at::mul_out(d_q, d_s.unsqueeze(-1), keys[t]);
+    if (fused) {
+      RIM_FUSED("attend_backward",
+                attend_backward_cpu<scalar_t>(d_read, values[t], keys[t], drop_in ? (*drop_in)[t] : Tensor(), p_all[t],
+                                              d_s, d_hz.select(1, t).narrow(2, 0, dq)));
+    } else {
+      Tensor d_q = d_hz.select(1, t).narrow(2, 0, dq).view({K, B, Hi, dk});
+      Tensor d_p = (d_read.view({K, B, Hi, dv}) * values[t]).sum(-1);  // (K, B, Hi)
+      if (drop_in) d_p = d_p * (*drop_in)[t];
+      at::sigmoid_backward_out(d_s, d_p, p_all[t]);
+      at::mul_out(d_q, d_s.unsqueeze(-1), keys[t]);
+    }
     dh_prev = at::baddbmm(dh_prev, d_hz.select(1, t), w_h_t);  // through the queries and the gates
 
     if (reset_steps[t]) {
       const Tensor k = (*keep)[t];
       dh_prev = dh_prev * k;
-      if (lstm) dc = dc * k;
+      if (lstm) dc = fused ? dc.mul_(k) : dc * k;
     }
     dh = dh_prev;
   }
