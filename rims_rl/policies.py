@@ -181,7 +181,8 @@ class RIMPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
     :param shared_rim: the critic reuses the actor's RIM output, detached (sb3-contrib's ``shared_lstm``).
     :param enable_critic_rim: the critic has its own RIM (sb3-contrib's ``enable_critic_lstm``, default).
         With neither, the critic is a linear layer on the features. The actor's and the critic's RIMs run through
-        :func:`~rims_rl.rim.run_together` (their C++ loops at once on two threads; same results).
+        :func:`~rims_rl.rim.run_together` (one after the other, or with ``rim_fast.PARALLEL_LOOPS`` their C++
+        loops at once on two threads; same results).
     :param shared_critic_grad: with ``shared_rim``, the value loss trains the shared RIM too (one recurrent core
         trained by the whole loss, as in the PPO code the paper used); sb3-contrib's default detaches it.
 
@@ -301,8 +302,8 @@ class RIMPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
         return self._sequence_result(lstm, *lstm(*self._sequence_call(features, lstm_states, episode_starts, lstm)[1:]))
 
     def _process_actor_critic(self, pi_features, vf_features, lstm_states, episode_starts):  # type: ignore[no-untyped-def]
-        """Both RIMs through :func:`rims_rl.rim.run_together`: same results as one after the other, with their C++
-        loops on two threads at once where they run there."""
+        """Both RIMs through :func:`rims_rl.rim.run_together`: the same results as one after the other (which it
+        does by default; see ``rim_fast.PARALLEL_LOOPS``)."""
         assert self.rim_critic is not None
         calls = [
             self._sequence_call(pi_features, lstm_states.pi, episode_starts, self.rim_actor),

@@ -374,11 +374,9 @@ def run_together(
     calls: Sequence[tuple[RIM, Tensor, tuple[Tensor, Tensor] | None, Tensor | None]],
 ) -> list[tuple[Tensor, tuple[Tensor, Tensor], RIMInfo]]:
     """``[rim(input, state, episode_starts) for rim, input, state, episode_starts in calls]``, with the same
-    results, but with the RIMs' loops run at once on two threads, forward and backward, where every one of them
-    takes the C++ loop (which runs without the GIL) and torch may use more than one thread
-    (``torch.get_num_threads()``). Meant for an actor's and a critic's RIM on the same observations: at PPO's
-    sizes one loop keeps one core busy with small operations, so two loops take about the time of one on two
-    cores. Otherwise the calls run one after the other."""
+    results. With ``rims_rl.rim_fast.PARALLEL_LOOPS = True``, the RIMs' C++ loops run at once on two threads
+    (without the GIL), forward and backward, each on one core; off by default, as one after the other measured
+    faster in RecurrentPPO on 2 cores once a step's small operations were fused (:data:`rim_fast.PARALLEL_LOOPS`)."""
     results = rim_fast.run_together(calls)
     return [(output, state, RIMInfo(mask, attention)) for output, state, mask, attention in results]
 

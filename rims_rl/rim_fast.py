@@ -11,7 +11,7 @@ node with a hand-written backward through time (:class:`_RIMSequence`), which co
 all steps. Attention dropout masks are drawn for the whole sequence before the loop. For a single input vector (the
 reinforcement-learning configurations), the loop and its backward run in C++ (``csrc/rim_loop.cpp``, the same ATen
 ops in the same order, built on first use; see :data:`NATIVE_LOOP`); the Python loop here is their fallback.
-:func:`run_together` runs several RIMs' C++ loops at once on two threads.
+:func:`run_together` can run several RIMs' C++ loops at once on two threads (:data:`PARALLEL_LOOPS`).
 
 Layout inside the loop: unit-major, ``(K, B, H)``, so that per-unit weights apply with one ``bmm``.
 """
@@ -1082,6 +1082,7 @@ def _native_forward(
     weights: tuple[Tensor | None, ...],
     record: bool,
     proj: _VectorProjections | None = None,
+    threads: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, _NativeTape | None]:
     """:func:`_run_loop` in C++ for modes "vector" and "projected" (with ``proj``): outputs ``(L, K, B, H)``,
     ``h_n``, ``c_n``, masks ``(L, K, B)``, attention on the input ``(L, K, B)`` and, with ``record``, the tape."""
@@ -1092,13 +1093,19 @@ def _native_forward(
         keys, values, h, c, keep, reset_steps, *weights, *(proj[:] if proj is not None else (None,) * 4), *cfg.dropout,
         cfg.k_active, cfg.comm_heads, cfg.comm_key_size,
         cfg.comm_value_size, lstm, cfg.communication, record, L > 1, FUSED_KERNELS,
+        threads,
     )  # fmt: skip
     outputs, h_n, c_n, masks, attention = out[:5]
     return outputs, h_n, c_n if lstm else None, masks, attention, _NativeTape(*out[5:]) if record else None
 
 
 def _native_backward(
-    ctx: Any, saved: tuple[Tensor | None, ...], d_outputs: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None
+    ctx: Any,
+    saved: tuple[Tensor | None, ...],
+    d_outputs: Tensor | None,
+    d_hn: Tensor | None,
+    d_cn: Tensor | None,
+    threads: int = 0,
 ) -> tuple[Any, ...]:
     """:func:`_backward_loop` in C++: ``dh_0``, ``dc_0`` and the per-sequence gradient buffers."""
     cfg: _LoopConfig = ctx.cfg
@@ -1115,6 +1122,7 @@ def _native_backward(
         proj.score_weight if proj is not None else None, proj.gates if proj is not None else None,
         *cfg.dropout, cfg.comm_heads, cfg.comm_key_size,
         cfg.comm_value_size, lstm, cfg.communication, FUSED_KERNELS,
+        threads,
     )  # fmt: skip
     communication = cfg.communication
     return (
@@ -1126,6 +1134,13 @@ def _native_backward(
 # ====================================================================================================================
 # Several RIMs at once (an actor's and a critic's): their C++ loops on two threads
 # ====================================================================================================================
+PARALLEL_LOOPS: bool = False
+"""Whether :func:`run_together` runs the loops at once on two threads (each loop's operators then on one thread,
+one loop per core) rather than one after the other (each on torch's threads). Off by default: with the fused CPU
+kernels, one loop after the other is faster in RecurrentPPO on 2 cores (CartPoleNoVel 1024 against 889 env
+steps/s, DemonAttack 217 against 192: ``scripts/benchmark_core.py``'s sizes, interleaved in one process); it paid
+(1.2-1.6x) while each step was ~100 ATen operators with the interpreter between them."""
+
 _pool_state: dict[str, ThreadPoolExecutor] = {}
 
 
@@ -1137,13 +1152,13 @@ def _pool() -> ThreadPoolExecutor:
 
 def run_together(calls: Sequence[tuple[RIM, Tensor, tuple[Tensor, Tensor] | None, Tensor | None]]) -> list[Result]:
     """``[rim(input, state, episode_starts) for rim, input, state, episode_starts in calls]``, with the same
-    results, but with the RIMs' loops run at once on two threads, forward and backward, where every one of them
-    takes the C++ loop (which runs without the GIL) and torch may use more than one thread
-    (``torch.get_num_threads()``). Meant for an actor's and a critic's RIM on the same observations: at PPO's
-    sizes one loop keeps one core busy with small operations, so two loops take about the time of one on two
-    cores. Otherwise the calls run one after the other."""
+    results. With :data:`PARALLEL_LOOPS` (off by default: see there), the RIMs' loops run at once on two threads,
+    forward and backward, where every one of them takes the C++ loop (which runs without the GIL) and torch may
+    use more than one thread (``torch.get_num_threads()``), each loop's operators on one thread; otherwise the
+    calls run one after the other."""
     prepared = [_prepare(rim, x, state, starts) for rim, x, state, starts in calls]
-    if len(prepared) < 2 or torch.get_num_threads() < 2 or not all(c.cfg.native for c in prepared):
+    parallel = PARALLEL_LOOPS and len(prepared) > 1 and torch.get_num_threads() > 1
+    if not parallel or not all(c.cfg.native for c in prepared):
         return [_run(rim, c) for (rim, *_), c in zip(calls, prepared, strict=False)]
     if torch.is_grad_enabled():
         flat: list[Any] = []
@@ -1154,7 +1169,7 @@ def run_together(calls: Sequence[tuple[RIM, Tensor, tuple[Tensor, Tensor] | None
     else:
         futures = [
             _pool().submit(
-                _native_forward, c.cfg, c.keys, c.values, c.h0, c.c0, c.keep, c.weights, False, _projections(c)
+                _native_forward, c.cfg, c.keys, c.values, c.h0, c.c0, c.keep, c.weights, False, _projections(c), 1
             )
             for c in prepared
         ]
@@ -1177,7 +1192,9 @@ class _RIMSequences(torch.autograd.Function):
         for cfg, keys, values, h0, c0, keep, *weights in items:
             proj = _vector_projections(keys, values, tuple(weights)) if cfg.mode == "projected" else None
             projs.append(proj)
-            futures.append(_pool().submit(_native_forward, cfg, keys, values, h0, c0, keep, tuple(weights), True, proj))
+            futures.append(
+                _pool().submit(_native_forward, cfg, keys, values, h0, c0, keep, tuple(weights), True, proj, 1)
+            )
         ctx.subs, outs, fixed = [], [], []
         for (cfg, keys, values, _, _, keep, *weights), proj, future in zip(items, projs, futures, strict=False):
             outputs, h_n, c_n, masks, attention, tape = future.result()
@@ -1196,7 +1213,7 @@ class _RIMSequences(torch.autograd.Function):
     def backward(ctx, *grads):  # type: ignore[override]
         subs = ctx.subs
         futures = [
-            _pool().submit(_native_backward, sub, sub.saved, *grads[5 * i : 5 * i + 3]) for i, sub in enumerate(subs)
+            _pool().submit(_native_backward, sub, sub.saved, *grads[5 * i : 5 * i + 3], 1) for i, sub in enumerate(subs)
         ]
         result: list[Tensor | None] = [None]  # n
         for i, (sub, future) in enumerate(zip(subs, futures, strict=False)):

@@ -490,10 +490,13 @@ def test_fused_kernels_match_aten_operators_in_float32(cell, dropout, monkeypatc
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_run_together_equals_one_after_the_other(cell, dropout):
-    """Two RIMs (an actor's and a critic's) through ``run_together``: the same outputs, states, infos and gradients
-    as calling them one after the other, with and without gradient (on the C++ loop their loops run on two
-    threads at once; the dropout masks are drawn before, in call order, so they are the same too)."""
+def test_run_together_equals_one_after_the_other(cell, dropout, monkeypatch):
+    """Two RIMs (an actor's and a critic's) through ``run_together`` with ``PARALLEL_LOOPS``: the same outputs,
+    states, infos and gradients as calling them one after the other, with and without gradient (on the C++ loop
+    their loops run on two threads at once, one OpenMP thread each; the dropout masks are drawn before, in call
+    order, so they are the same too)."""
+    monkeypatch.setattr(rims_rl.rim_fast, "PARALLEL_LOOPS", True)
+    threads = torch.get_num_threads()
     a, b = make_rim(cell=cell, dropout=dropout), make_rim(cell=cell, k_active=4, dropout=dropout)
     x, h0, c0 = random_inputs()
     x = x[:, :, 0].requires_grad_()
@@ -515,3 +518,4 @@ def test_run_together_equals_one_after_the_other(cell, dropout):
         results.append(flat + [p.grad.clone() for p in leaves] + [t for o, (h, c), _ in no_grad for t in (o, h, c)])
     for one_by_one, together in zip(*results, strict=True):
         torch.testing.assert_close(together, one_by_one, rtol=0, atol=0)
+    assert torch.get_num_threads() == threads  # the loops' one-thread setting stayed in their own threads

@@ -508,6 +508,33 @@ void attend_backward_cpu(const Tensor& d_read, const Tensor& values_t, const Ten
     AT_DISPATCH_FLOATING_TYPES(dtype, name, [&] { __VA_ARGS__; });            \
   } while (0)
 
+// The intra-op threads the loop's ATen operators may use, for the loop's duration, in this thread only: OpenMP's
+// thread count is a per-thread setting (torch.set_num_threads would change it for the whole process). At PPO's sizes
+// one thread is faster than two (waking the second costs more than it saves on these small operators), and two loops
+// run at once (run_together) each want one core. Weak references to torch's own OpenMP runtime, so a torch without
+// OpenMP simply ignores it.
+extern "C" {
+__attribute__((weak)) int omp_get_max_threads(void);
+__attribute__((weak)) void omp_set_num_threads(int);
+}
+
+struct LoopThreads {
+  int previous = 0;
+  bool set = false;
+  explicit LoopThreads(int64_t threads) {
+    if (threads > 0 && omp_get_max_threads && omp_set_num_threads) {
+      previous = omp_get_max_threads();
+      omp_set_num_threads(static_cast<int>(threads));
+      set = true;
+    }
+  }
+  ~LoopThreads() {
+    if (set) omp_set_num_threads(previous);
+  }
+  LoopThreads(const LoopThreads&) = delete;
+  LoopThreads& operator=(const LoopThreads&) = delete;
+};
+
 }  // namespace
 
 // Forward over a sequence. Returns [outputs (L,K,B,H), h_n, c_n (empty for a GRU), masks (L,K,B) bool,
@@ -526,8 +553,10 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
                                 const std::optional<Tensor>& score_bias, const std::optional<Tensor>& proj_gates,
                                 const std::optional<Tensor>& gate_bias, const std::optional<Tensor>& drop_in,
                                 const std::optional<Tensor>& drop_c, int64_t k_active, int64_t Hc, int64_t ck,
-                                int64_t cv, bool lstm, bool communication, bool record, bool merged, bool fused) {
+                                int64_t cv, bool lstm, bool communication, bool record, bool merged, bool fused,
+                                int64_t threads) {
   at::NoGradGuard no_grad;  // also when called from a thread of its own (grad mode is per thread)
+  const LoopThreads loop_threads(threads);
   const Sizes s = sizes_of(keys, values, h, wih);
   const int64_t L = s.L, K = s.K, B = s.B, H = s.H, Hi = s.Hi, dk = s.dk, dv = s.dv, dq = s.dq, G = s.G;
   const int64_t dqkv = 2 * ck + cv;
@@ -771,8 +800,9 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
                                  const std::optional<Tensor>& score_weight, const std::optional<Tensor>& proj_gates,
                                  const std::optional<Tensor>& drop_in, const std::optional<Tensor>& drop_c,
                                  int64_t Hc, int64_t ck, int64_t cv, bool lstm, bool communication,
-                                 bool fused) {
+                                 bool fused, int64_t threads) {
   at::NoGradGuard no_grad;
+  const LoopThreads loop_threads(threads);
   const bool projected = score_weight.has_value();
   const int64_t K = h_in.size(0), L = h_in.size(1), B = h_in.size(2), H = h_in.size(3);
   const int64_t Hi = keys.size(2), dk = keys.size(3), dv = values.size(3), G = wih.size(2);
