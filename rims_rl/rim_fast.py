@@ -9,8 +9,9 @@ what depends on the state (:func:`_vector_input_path` picks by sizes). All per-u
 and are applied with batched matmuls over it: there is no Python loop over units. Under autograd the loop is a single
 node with a hand-written backward through time (:class:`_RIMSequence`), which computes each weight gradient once from
 all steps. Attention dropout masks are drawn for the whole sequence before the loop. For a single input vector (the
-reinforcement-learning configurations), the loop and its backward run in C++ (``csrc/rim_loop.cpp``, the same ATen
-ops in the same order, built on first use; see :data:`NATIVE_LOOP`); the Python loop here is their fallback.
+reinforcement-learning configurations), the loop and its backward run in C++ (``csrc/rim_loop.cpp``, built on first
+use; see :data:`NATIVE_LOOP`): the same ATen ops in the same order, except on the CPU, where each step's element-wise
+parts run as fused kernels (:data:`FUSED_KERNELS`); the Python loop here is their fallback.
 :func:`run_together` can run several RIMs' C++ loops at once on two threads (:data:`PARALLEL_LOOPS`).
 
 Layout inside the loop: unit-major, ``(K, B, H)``, so that per-unit weights apply with one ``bmm``.
@@ -916,8 +917,9 @@ or without attention dropout; not with the test-time ``dropped_units``): None (d
 the Python loop after one warning; True requires it (a build failure raises); False never uses it. The environment
 variable ``RIMS_RL_NATIVE=0`` makes the default False. The source is compiled once, on first use, by
 :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; ~30 s) and cached in a build directory of its own
-(:func:`_build_directory`). Same ops in the same order as the Python loop, so the same results (the tests run every
-RIM test on both); it saves the interpreter's time between ~75 small ops per step."""
+(:func:`_build_directory`). The same results as the Python loop (the tests run every RIM test on both): with ATen
+operators only, the same ops in the same order; on the CPU, with :data:`FUSED_KERNELS`, up to rounding. It saves the
+interpreter's time between ~75 small ops per step, and on the CPU most of those ops."""
 
 FUSED_KERNELS: bool = True
 """Whether the C++ loop, on the CPU, runs the element-wise parts of a step (input attention, selection, the cell's
@@ -1137,9 +1139,9 @@ def _native_backward(
 PARALLEL_LOOPS: bool = False
 """Whether :func:`run_together` runs the loops at once on two threads (each loop's operators then on one thread,
 one loop per core) rather than one after the other (each on torch's threads). Off by default: with the fused CPU
-kernels, one loop after the other is faster in RecurrentPPO on 2 cores (CartPoleNoVel 1024 against 889 env
-steps/s, DemonAttack 217 against 192: ``scripts/benchmark_core.py``'s sizes, interleaved in one process); it paid
-(1.2-1.6x) while each step was ~100 ATen operators with the interpreter between them."""
+kernels, RecurrentPPO on 2 cores measured parallel / one after the other 0.90 on DemonAttack and 0.98 on
+CartPoleNoVel (``configs/``' settings; medians of the paired ratios of 6 and 8 repeats in alternating order, one
+process); it paid (1.2-1.6x) while each step was ~100 ATen operators with the interpreter between them."""
 
 _pool_state: dict[str, ThreadPoolExecutor] = {}
 

@@ -3,10 +3,12 @@
 // This is a transcription of `_run_loop` (with its step helpers `_read_input`, `_select`, `_cell`, `_communicate`)
 // and `_RIMSequence.backward` in rims_rl/rim_fast.py for the common case: input attention over one vector per step
 // (the "per-step", "folded" and "projected" paths), LSTM or GRU units, communication on or off, attention dropout on
-// or off (its masks are drawn before the loop, in rim_fast.py), no dropped units. Same ops, same order, so the same
-// numbers; what it saves is the Python interpreter between ~30 small ops per step (forward) and ~45 (backward). The
-// Python code remains the reference: the tests run every RIM test on both. Compiled on first use by
-// torch.utils.cpp_extension (rim_fast.py).
+// or off (its masks are drawn before the loop, in rim_fast.py), no dropped units. With ATen operators only (`fused`
+// false: other devices, or FUSED_KERNELS=False), the same ops in the same order, so the same numbers; what it saves
+// is the Python interpreter between ~30 small ops per step (forward) and ~45 (backward). On the CPU (`fused`), the
+// element-wise parts of a step run as fused kernels (below), the same formulas up to rounding. The Python code
+// remains the reference: the tests run every RIM test on both. Compiled on first use by torch.utils.cpp_extension
+// (rim_fast.py).
 //
 // Layouts: the state is unit-major (K, B, H). Per-sequence buffers are (K, L, B, .) where a weight gradient is
 // formed from all steps at once (h_in, read, h1, rc and their gradients), (L, K, B, .) otherwise.
