@@ -515,16 +515,23 @@ void attend_backward_cpu(const Tensor& d_read, const Tensor& values_t, const Ten
 // one thread is faster than two (waking the second costs more than it saves on these small operators), and two loops
 // run at once (run_together) each want one core. Weak references to torch's own OpenMP runtime, so a torch without
 // OpenMP simply ignores it.
+#if defined(__GNUC__)
 extern "C" {
 __attribute__((weak)) int omp_get_max_threads(void);
 __attribute__((weak)) void omp_set_num_threads(int);
 }
+#define RIM_HAS_OMP (omp_get_max_threads != nullptr && omp_set_num_threads != nullptr)
+#else
+#define RIM_HAS_OMP false
+inline int omp_get_max_threads() { return 1; }
+inline void omp_set_num_threads(int) {}
+#endif
 
 struct LoopThreads {
   int previous = 0;
   bool set = false;
   explicit LoopThreads(int64_t threads) {
-    if (threads > 0 && omp_get_max_threads && omp_set_num_threads) {
+    if (threads > 0 && RIM_HAS_OMP) {
       previous = omp_get_max_threads();
       omp_set_num_threads(static_cast<int>(threads));
       set = true;
