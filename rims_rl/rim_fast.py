@@ -916,7 +916,7 @@ NATIVE_LOOP: bool | None = None
 or without attention dropout; not with the test-time ``dropped_units``): None (default) uses it when it builds, else
 the Python loop after one warning; True requires it (a build failure raises); False never uses it. The environment
 variable ``RIMS_RL_NATIVE=0`` makes the default False. The source is compiled once, on first use, by
-:func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; ~30 s) and cached in a build directory of its own
+:func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; ~50 s) and cached in a build directory of its own
 (:func:`_build_directory`). The same results as the Python loop (the tests run every RIM test on both): with ATen
 operators only, the same ops in the same order; on the CPU, with :data:`FUSED_KERNELS`, up to rounding. It saves the
 interpreter's time between ~75 small ops per step, and on the CPU most of those ops."""
@@ -924,10 +924,11 @@ interpreter's time between ~75 small ops per step, and on the CPU most of those 
 FUSED_KERNELS: bool = True
 """Whether the C++ loop, on the CPU, runs the element-wise parts of a step (input attention, selection, the cell's
 arithmetic, the communication attention among units, the gated residual) and their backward as fused kernels, one
-plain loop each (``csrc/rim_loop.cpp``), rather than as ATen operators: ~15 kernels per step forward and ~9 backward
-instead of ~110 each. Same formulas, so the same values up to rounding (sums in another order; ``std::exp`` in the
-small sigmoids and softmaxes against ATen's vectorised one); the tests bound the difference. Other devices always
-take the ATen operators (each one kernel launch on a GPU); False gives them on the CPU too (tests, comparisons)."""
+plain loop each (``csrc/rim_loop.cpp``), rather than as ATen operators: per step of a sequence, ~15 kernels
+forward and ~8 backward instead of ~44 and ~40 (``scripts/benchmark_core.py``). Same formulas, so the same values
+up to rounding (sums in another order; ``std::exp`` in the small sigmoids and softmaxes against ATen's vectorised
+one); the tests bound the difference. Other devices always take the ATen operators (each one kernel launch on a
+GPU); False gives them on the CPU too (tests, comparisons)."""
 
 _native_state: dict[str, Any] = {}
 
