@@ -129,6 +129,9 @@ def main() -> None:
     parser.add_argument("--skip-training", action="store_true", help="only the environments")
     args = parser.parse_args()
     kept = keep_freed_memory()  # as the rims-rl command does: what training sees
+    from rims_rl import rim_fast
+
+    rim_fast.FUSED_KERNELS = True  # the fused CPU kernels (opt-in in the library; see FUSED_KERNELS)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
           f"malloc {'keeps freed memory (rims_rl.allocator)' if kept else 'as is'}")  # fmt: skip
     env_benchmark(args.env, args.repeats, args.env_seconds)

@@ -149,12 +149,12 @@ def kernel_counts() -> dict[str, dict[str, float]]:
         ("LSTM sequence", lambda: lstm(xs)[0], True),
     ):
         steps = 128 if "sequence" in name else 1
-        rim_fast.FUSED_KERNELS = fused
+        before, rim_fast.FUSED_KERNELS = rim_fast.FUSED_KERNELS, fused
         try:
             fwd = leaf_ops(lambda f=forward: f())
             both = leaf_ops(lambda f=forward: f().sum().backward())
         finally:
-            rim_fast.FUSED_KERNELS = True
+            rim_fast.FUSED_KERNELS = before
         counts[name] = {"forward": fwd / steps, "backward": (both - fwd) / steps}
     print("kernels per step (CPU profiler: computing ATen ops and fused rims_rl:: kernels), forward / backward "
           "(incl. the loss sum); 'ATen': without the fused CPU kernels, as on a GPU:")  # fmt: skip
@@ -215,8 +215,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--train-steps", type=int, default=8192, help="env steps per training measurement")
     parser.add_argument("--skip-training", action="store_true", help="only (a) and (b)")
+    parser.add_argument("--aten", action="store_true", help="the RIM without the fused CPU kernels (the default)")
     args = parser.parse_args()
     kept = keep_freed_memory()  # as the rims-rl command does: what training sees
+    from rims_rl import rim_fast
+
+    rim_fast.FUSED_KERNELS = not args.aten  # the fused CPU kernels (opt-in in the library; see FUSED_KERNELS)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
           f"malloc {'keeps freed memory (rims_rl.allocator)' if kept else 'as is'}")  # fmt: skip
     core_benchmarks(args.repeats, args.device)

@@ -29,6 +29,7 @@ def vector_input_path(request, monkeypatch):
         pytest.skip("the C++ loop could not be built here (test_native_loop_builds says why)")
     monkeypatch.setattr(rims_rl.rim_fast, "VECTOR_INPUT_PATH", path)
     monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", native)
+    monkeypatch.setattr(rims_rl.rim_fast, "FUSED_KERNELS", native)  # the C++ loop with its fused CPU kernels
     return path
 
 
