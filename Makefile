@@ -6,8 +6,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-# pytest-xdist workers for `make test` (0: one process). Each worker keeps torch's default thread count, on which the
-# learning tests' numerics depend, so results are those of a serial run; the suite mostly runs small ops on one core.
+# pytest-xdist workers for `make test` (0: one process). Each worker gets its share of the cores as torch threads
+# (tests/conftest.py); the learning tests set one thread themselves, so their results are those of a serial run.
 TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

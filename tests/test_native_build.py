@@ -55,3 +55,16 @@ def test_lock_left_by_a_killed_build_is_cleared():
     assert "loaded" in done.stdout
     assert "left by a build of the RIM's C++ loop that was killed" in done.stderr
     assert not (build / "lock").exists()
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("0", False), (None, False)])
+def test_rims_rl_fused_switches_the_fused_kernels_on(value, expected):
+    """``RIMS_RL_FUSED=1`` turns the C++ loop's fused CPU kernels on for a whole process (the ``rims-rl`` command);
+    unset or 0 keeps the default, off."""
+    env = {k: v for k, v in os.environ.items() if k != "RIMS_RL_FUSED"}
+    if value is not None:
+        env["RIMS_RL_FUSED"] = value
+    code = "import rims_rl.rim_fast as f; print(f.FUSED_KERNELS)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(expected)
