@@ -103,3 +103,26 @@ def test_both_cores_move_well_off_chance_on_the_train_split(policy, seed):
         prepared.env.close()
         th.set_num_threads(threads)
     assert stop.reached_at is not None, f"{policy} seed {seed}: success {np.mean(prepared.model.ep_success_buffer)}"
+
+
+def test_fused_seeds_script_trains_both_settings_prints_the_table_and_reuses_finished_runs(tmp_path):
+    """``scripts/fused_seeds.py`` at toy scale (one seed, 2,048 steps): a run per setting, the table, and a second
+    call that reads the saved runs instead of training them again."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fused_seeds.py"
+    argv = [sys.executable, str(script), "--seeds", "0", "--budget", "2048", "--out", str(tmp_path)]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "| 0 | - | - |" in first.stdout  # 2,048 steps: not enough to reach 0.5
+    assert "ATen: reached on 0 of 1 seeds; median > 2,048" in first.stdout
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ["rims-s0-aten-2048.json", "rims-s0-fused-2048.json"]
+    stamps = [p.stat().st_mtime_ns for p in sorted(tmp_path.iterdir())]
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert [p.stat().st_mtime_ns for p in sorted(tmp_path.iterdir())] == stamps
+    bad = subprocess.run([*argv[:2], "--budget", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--budget and --jobs must be positive" in bad.stderr
