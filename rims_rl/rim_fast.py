@@ -924,10 +924,11 @@ interpreter's time between ~75 small ops per step, and on the CPU most of those 
 FUSED_KERNELS: bool = os.environ.get("RIMS_RL_FUSED", "0") == "1"
 """Whether the C++ loop, on the CPU, runs the element-wise parts of a step (input attention, selection, the cell's
 arithmetic, the communication attention among units, the gated residual) and their backward as fused kernels, one
-plain loop each (``csrc/rim_loop.cpp``), rather than as ATen operators: per step of a sequence, ~15 kernels forward
+plain loop each (``csrc/rim_loop.cpp``), rather than as ATen operators: per step of a sequence, ~9 kernels forward
 and ~8 backward instead of ~44 and ~40 (``scripts/benchmark_core.py``). Same formulas, so the same values up to
-rounding (sums in another order; ``std::exp`` in the small sigmoids and softmaxes against ATen's vectorised one);
-the tests bound the difference. Opt-in (the environment variable ``RIMS_RL_FUSED=1`` makes the default True, for
+rounding (sums in another order; ``std::exp`` in the input attention's sigmoids and a vectorised Cephes exp in the
+softmax among units and the LSTM cell's and residual's activations, against ATen's vectorised ones); the tests
+bound the difference. Opt-in (the environment variable ``RIMS_RL_FUSED=1`` makes the default True, for
 the ``rims-rl`` command). PPO follows the different rounding to a different run of the same seed, and across
 seeds learns as well (BabyAI, RIM, seeds 0-5: 4 of 6 reach 0.5 success within 250k steps either way; README, "The
 C++ loop"), but the default keeps the ATen operators' numbers, with which every documented result and learning test
@@ -939,9 +940,11 @@ _native_state: dict[str, Any] = {}
 
 def _cflags() -> tuple[str, ...]:
     """The C++ loop's compiler flags: ``-O3``; ``-fopenmp-simd`` for the fused kernels' ``omp simd`` loops (no
-    OpenMP runtime); and AVX2 with FMA where torch itself runs AVX2 or AVX-512 kernels on this CPU (the build
-    folder's key includes the flags, so a machine without them builds its own)."""
-    flags = ("-O3", "-fopenmp-simd")
+    OpenMP runtime); ``-fno-trapping-math``, without which GCC does not vectorise a loop whose float comparisons
+    (the clamps of the kernels' ``exp``) it would have to turn into selects (nothing here reads floating-point
+    exception flags; no value changes); and AVX2 with FMA where torch itself runs AVX2 or AVX-512 kernels on this
+    CPU (the build folder's key includes the flags, so a machine without them builds its own)."""
+    flags = ("-O3", "-fopenmp-simd", "-fno-trapping-math")
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ("-mavx2", "-mfma")
     return flags

@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -47,10 +49,11 @@ Sizes sizes_of(const Tensor& keys, const Tensor& values, const Tensor& h, const 
 // ---- Fused CPU kernels (used when `fused`: on the CPU) ----
 // The small element-wise parts of a step (input attention over one vector, the selection, the cell's arithmetic, the
 // communication attention among the K units, the gated residual) and their backward each run as one plain C++ loop
-// instead of a dozen ATen operators with their dispatch, views and temporaries; the matrix products, and the sigmoid
-// and tanh of the gates (vectorised by ATen), stay ATen calls. The formulas are those of the ATen code they replace
-// (kept below, for other devices), so the values agree up to rounding: sums in another order, std::exp for the small
-// softmaxes and sigmoids against ATen's vectorised exp. The tests bound the difference.
+// instead of a dozen ATen operators with their dispatch, views and temporaries; the matrix products stay ATen calls
+// (and a GRU's sigmoid and tanh). The formulas are those of the ATen code they replace (kept below, for other
+// devices), so the values agree up to rounding: sums in another order, std::exp for the input attention's sigmoids
+// and exp_simd (below) for the softmax among units and the LSTM cell's and the residual's activations, against
+// ATen's vectorised exp. The tests bound the difference.
 template <typename T>
 struct Rows {  // rows of a (K, B, X) tensor whose last axis is contiguous
   T* p;
@@ -69,6 +72,41 @@ template <typename T>
 inline T sigmoid_of(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
+
+// The exp of the softmax among units, and the sigmoid and tanh of the LSTM cell and of the residual, inside the
+// fused kernels. In float, exp is Cephes' expf (range reduction by ln 2 in two parts, a degree-5 polynomial, the
+// power of two set in the exponent bits; arguments clamped to [-87, 88]), written without calls or branches so that
+// the compiler vectorises the `omp simd` loops that use it (with -fno-trapping-math: rim_fast._cflags). In double,
+// the standard library's (the float64 tests hold the fused loop to 1e-12 of the Python loop).
+inline float exp_simd(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+inline double exp_simd(double x) { return std::exp(x); }
+
+inline float sigmoid_simd(float x) { return 1.0f / (1.0f + exp_simd(-x)); }
+inline double sigmoid_simd(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+inline float tanh_simd(float x) {
+  const float e = exp_simd(-2.0f * std::fabs(x));
+  return std::copysign((1.0f - e) / (1.0f + e), x);
+}
+inline double tanh_simd(double x) { return std::tanh(x); }
 
 // Input attention over one vector: per head p = sigmoid(q . key) (or of `score_in`, the projected path's scores), the
 // unit's attention on the input (mean of p over heads), the mean log-odds (the selection's tie-break), and the read
@@ -155,48 +193,43 @@ void select_cpu(const Tensor& on_input, const Tensor& odds, int64_t k_active, co
   }
 }
 
-// LSTM, after ATen's sigmoid of (i, f, o) and tanh of g in `a`: c_new = f c + i g into `c_new`; with a tape, the
+// The whole LSTM cell of a step from its gate pre-activations `gates` [i f o g]: the activations into `a`
+// (sigmoid of i, f, o; tanh of g), c_new = f c + i g, tanh(c_new) into `tanh_c`, and h1 = o tanh(c_new) for the
+// active units, h for the others; c_new becomes the next cell state (the inactive units' c kept). With a tape, the
 // step's incoming h and c into h_in and c_in.
 template <typename T>
-void lstm_c_cpu(const Tensor& a, const Tensor& h, const Tensor& c, const Tensor& c_new, const Tensor& h_in,
-                const Tensor& c_in) {
+void lstm_cell_cpu(const Tensor& gates, const Tensor& a, const Tensor& h, const Tensor& c, const Tensor& c_new,
+                   const Tensor& tanh_c, const Tensor& mask, const Tensor& h1, const Tensor& h_in,
+                   const Tensor& c_in) {
   const int64_t K = h.size(0), B = h.size(1), H = h.size(2);
-  const Rows<T> ar(a), hr(h), cr(c), nr(c_new), hir(h_in), cir(c_in);
+  const Rows<T> gr(gates), ar(a), hr(h), cr(c), nr(c_new), tr(tanh_c), outr(h1), hir(h_in), cir(c_in);
+  const bool* mk = mask.data_ptr<bool>();
   const bool rec = h_in.defined();
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t b = 0; b < B; ++b) {
-      const T *ap = ar(k, b), *cp = cr(k, b);
-      const T *i = ap, *f = ap + H, *g = ap + 3 * H;
-      T* n = nr(k, b);
+      const T *gp = gr(k, b), *cp = cr(k, b);
+      T *ap = ar(k, b), *n = nr(k, b), *tc = tr(k, b);
       #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) n[j] = f[j] * cp[j] + i[j] * g[j];
+      for (int64_t j = 0; j < 3 * H; ++j) ap[j] = sigmoid_simd(gp[j]);
+      #pragma omp simd
+      for (int64_t j = 0; j < H; ++j) ap[3 * H + j] = tanh_simd(gp[3 * H + j]);
+      #pragma omp simd
+      for (int64_t j = 0; j < H; ++j) {
+        n[j] = ap[H + j] * cp[j] + ap[j] * ap[3 * H + j];
+        tc[j] = tanh_simd(n[j]);
+      }
       if (rec) {
         std::copy(hr(k, b), hr(k, b) + H, hir(k, b));
         std::copy(cp, cp + H, cir(k, b));
       }
-    }
-  }
-}
-
-// LSTM, after ATen's tanh of c_new: h1 = o tanh(c_new) for the active units, h for the others; c_new becomes the
-// next cell state in place (the inactive units' c kept).
-template <typename T>
-void lstm_h_cpu(const Tensor& a, const Tensor& tanh_c, const Tensor& h, const Tensor& c, const Tensor& c_new,
-                const Tensor& mask, const Tensor& h1) {
-  const int64_t K = h.size(0), B = h.size(1), H = h.size(2);
-  const Rows<T> ar(a), tr(tanh_c), hr(h), cr(c), nr(c_new), outr(h1);
-  const bool* mk = mask.data_ptr<bool>();
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t b = 0; b < B; ++b) {
       T* out = outr(k, b);
-      T* n = nr(k, b);
       if (mk[k * B + b]) {
-        const T *o = ar(k, b) + 2 * H, *tc = tr(k, b);
+        const T* o = ap + 2 * H;
         #pragma omp simd
         for (int64_t j = 0; j < H; ++j) out[j] = o[j] * tc[j];
       } else {
         std::copy(hr(k, b), hr(k, b) + H, out);
-        std::copy(cr(k, b), cr(k, b) + H, n);
+        std::copy(cp, cp + H, n);
       }
     }
   }
@@ -270,7 +303,7 @@ void comm_attend_cpu(const Tensor& qkv, const Tensor& drop, const Tensor& ac, co
   T* acp = ac.data_ptr<T>();
   const T* dp = drop.defined() ? drop.data_ptr<T>() : nullptr;
   const T sc = static_cast<T>(scale);
-  std::vector<T> s(K);
+  std::vector<T> s(K * K);  // s[query * K + key]: the scores, then the softmax's exponentials
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t c = 0; c < Hc; ++c) {
       T* a = acp + (b * Hc + c) * K * K;  // a[key * K + query]
@@ -283,18 +316,21 @@ void comm_attend_cpu(const Tensor& qkv, const Tensor& drop, const Tensor& ac, co
           T acc = 0;
           #pragma omp simd reduction(+ : acc)
           for (int64_t e = 0; e < ck; ++e) acc += kv[e] * qv[e];
-          s[j] = acc * sc;
-          mx = std::max(mx, s[j]);
+          s[q * K + j] = acc * sc;
+          mx = std::max(mx, acc * sc);
         }
+        for (int64_t j = 0; j < K; ++j) s[q * K + j] -= mx;
+      }
+      T* sp = s.data();
+      #pragma omp simd
+      for (int64_t i = 0; i < K * K; ++i) sp[i] = exp_simd(sp[i]);  // all K x K at once (vectorised)
+      for (int64_t q = 0; q < K; ++q) {
         T sum = 0;
-        for (int64_t j = 0; j < K; ++j) {
-          s[j] = std::exp(s[j] - mx);
-          sum += s[j];
-        }
+        for (int64_t j = 0; j < K; ++j) sum += sp[q * K + j];
         T* out = rr(q, b) + c * cv;
         std::fill(out, out + cv, T(0));
         for (int64_t j = 0; j < K; ++j) {
-          const T w = s[j] / sum;
+          const T w = sp[q * K + j] / sum;
           a[j * K + q] = w;
           const T wr = d ? w * d[q * K + j] : w;
           const T* vv = qr(j, b) + c * dqkv + 2 * ck;
@@ -306,18 +342,23 @@ void comm_attend_cpu(const Tensor& qkv, const Tensor& drop, const Tensor& ac, co
   }
 }
 
-// The gated residual: out = h1 + gate * update for the active units, h1 for the others.
+// The gated residual from its pre-activations `pre` [update | gate]: ug = [tanh(update) | sigmoid(gate)] for every
+// unit (the tape), out = h1 + gate * update for the active units, h1 for the others.
 template <typename T>
-void residual_cpu(const Tensor& ug, const Tensor& h1, const Tensor& mask, const Tensor& out) {
+void residual_pre_cpu(const Tensor& pre, const Tensor& ug, const Tensor& h1, const Tensor& mask, const Tensor& out) {
   const int64_t K = h1.size(0), B = h1.size(1), H = h1.size(2);
-  const Rows<T> ur(ug), hr(h1), outr(out);
+  const Rows<T> pr(pre), ur(ug), hr(h1), outr(out);
   const bool* mk = mask.data_ptr<bool>();
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t b = 0; b < B; ++b) {
-      const T* hp = hr(k, b);
-      T* o = outr(k, b);
+      const T *pp = pr(k, b), *hp = hr(k, b);
+      T *u = ur(k, b), *g = ur(k, b) + H, *o = outr(k, b);
+      #pragma omp simd
+      for (int64_t j = 0; j < H; ++j) {
+        u[j] = tanh_simd(pp[j]);
+        g[j] = sigmoid_simd(pp[H + j]);
+      }
       if (mk[k * B + b]) {
-        const T *u = ur(k, b), *g = ur(k, b) + H;
         #pragma omp simd
         for (int64_t j = 0; j < H; ++j) o[j] = hp[j] + g[j] * u[j];
       } else {
@@ -715,18 +756,17 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
                                : (record ? h1_all.select(1, t) : (fused ? h1_buf : at::empty({K, B, H}, opt)));
     Tensor a = record ? act[t] : (fused ? a_buf : at::empty({K, B, G}, opt));
     if (lstm) {
-      Tensor ifo = a.narrow(2, 0, 3 * H), g = a.narrow(2, 3 * H, H);
-      at::sigmoid_out(ifo, gates.narrow(2, 0, 3 * H));
-      at::tanh_out(g, gates.narrow(2, 3 * H, H));
       Tensor tanh_c = record ? aux[t] : (fused ? tanh_buf : at::empty({K, B, H}, opt));
       if (fused) {
         Tensor c_new = c_buf[t % 2];
-        RIM_FUSED("lstm_c", lstm_c_cpu<scalar_t>(a, h, c, c_new, record ? h_in.select(1, t) : Tensor(),
-                                                 record ? c_in[t] : Tensor()));
-        at::tanh_out(tanh_c, c_new);
-        RIM_FUSED("lstm_h", lstm_h_cpu<scalar_t>(a, tanh_c, h, c, c_new, active, h1));
+        RIM_FUSED("lstm_cell", lstm_cell_cpu<scalar_t>(gates, a, h, c, c_new, tanh_c, active, h1,
+                                                       record ? h_in.select(1, t) : Tensor(),
+                                                       record ? c_in[t] : Tensor()));
         c = c_new;
       } else {
+        Tensor ifo = a.narrow(2, 0, 3 * H), g = a.narrow(2, 3 * H, H);
+        at::sigmoid_out(ifo, gates.narrow(2, 0, 3 * H));
+        at::tanh_out(g, gates.narrow(2, 3 * H, H));
         Tensor i = ifo.narrow(2, 0, H), f = ifo.narrow(2, H, H), o = ifo.narrow(2, 2 * H, H);
         Tensor c_new = at::addcmul(f * c, i, g);
         at::tanh_out(tanh_c, c_new);
@@ -772,13 +812,13 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
       }
       Tensor pre = at::baddbmm(*bout, rc, *wout);
       Tensor ug = record ? ug_all[t] : (fused ? ug_buf : at::empty({K, B, 2 * H}, opt));
-      Tensor update = ug.narrow(2, 0, H), gate = ug.narrow(2, H, H);
-      at::tanh_out(update, pre.narrow(2, 0, H));
-      at::sigmoid_out(gate, pre.narrow(2, H, H));
       Tensor out_t = outputs[t];
       if (fused) {
-        RIM_FUSED("residual", residual_cpu<scalar_t>(ug, h1, active, out_t));
+        RIM_FUSED("residual", residual_pre_cpu<scalar_t>(pre, ug, h1, active, out_t));
       } else {
+        Tensor update = ug.narrow(2, 0, H), gate = ug.narrow(2, H, H);
+        at::tanh_out(update, pre.narrow(2, 0, H));
+        at::sigmoid_out(gate, pre.narrow(2, H, H));
         at::where_out(out_t, m, at::addcmul(h1, gate, update), h1);
       }
     }
