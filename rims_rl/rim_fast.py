@@ -930,7 +930,7 @@ rounding (sums in another order; ``std::exp`` in the input attention's sigmoids 
 softmax among units and the LSTM cell's and residual's activations, against ATen's vectorised ones); the tests
 bound the difference. Opt-in (the environment variable ``RIMS_RL_FUSED=1`` makes the default True, for
 the ``rims-rl`` command). PPO follows the different rounding to a different run of the same seed, and across
-seeds learns as well (BabyAI, RIM, seeds 0-5: 4 of 6 reach 0.5 success within 250k steps either way; README, "The
+seeds shows no harm (BabyAI, RIM, seeds 0-5: 4 of 6 reach 0.5 success within 250k steps either way; README, "The
 C++ loop"), but the default keeps the ATen operators' numbers, with which every documented result and learning test
 was made. Other devices always take the ATen operators (each one kernel launch
 on a GPU), as does the CPU while this is False."""
