@@ -269,3 +269,20 @@ class SeededEvalCallback(EvalCallback):
                 ep_lengths=self.evaluations_length,
                 **extra,
             )
+
+
+class StopAtSuccess(BaseCallback):
+    """Stops training once the success rate of the last training episodes (SB3's ``ep_success_buffer``, 100) reaches
+    ``threshold``; ``reached_at`` is the env step at which it did, or None."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.reached_at: int | None = None
+
+    def _on_step(self) -> bool:
+        successes = self.model.ep_success_buffer
+        if len(successes) == successes.maxlen and np.mean(successes) >= self.threshold:
+            self.reached_at = self.num_timesteps
+            return False
+        return True

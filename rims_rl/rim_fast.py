@@ -932,8 +932,8 @@ bound the difference. Opt-in (the environment variable ``RIMS_RL_FUSED=1`` makes
 the ``rims-rl`` command). PPO follows the different rounding to a different run of the same seed, and across
 seeds shows no harm (BabyAI, RIM, seeds 0-5: 4 of 6 reach 0.5 success within 250k steps either way; README, "The
 C++ loop"), but the default keeps the ATen operators' numbers, with which every documented result and learning test
-was made. Other devices always take the ATen operators (each one kernel launch
-on a GPU), as does the CPU while this is False."""
+was made. Other devices always take the ATen operators (each one kernel launch on a GPU), as does the CPU while
+this is False."""
 
 _native_state: dict[str, Any] = {}
 

@@ -31,31 +31,19 @@ def run_one(seed: int, fused: bool, budget: int, out: Path) -> dict | None:
         return json.loads(out.read_text())
     import numpy as np
     import torch
-    from stable_baselines3.common.callbacks import BaseCallback
 
     from rims_rl import rim_fast
+    from rims_rl.agents.callbacks import StopAtSuccess
     from rims_rl.agents.training import prepare
     from rims_rl.config import CONFIG_DIR, resolve_config
     from rims_rl.envs.babyai import split_env_id
-
-    class StopAtSuccess(BaseCallback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.reached_at: int | None = None
-
-        def _on_step(self) -> bool:
-            successes = self.model.ep_success_buffer
-            if len(successes) == successes.maxlen and np.mean(successes) >= THRESHOLD:
-                self.reached_at = self.num_timesteps
-                return False
-            return True
 
     rim_fast.FUSED_KERNELS = fused
     torch.set_num_threads(1)
     flags = {"policy": "rims", "algo": "ppo", "seed": seed, "wandb.mode": "disabled"}
     cfg = resolve_config(split_env_id("train"), CONFIG_DIR / "babyai.yaml", flags=flags)
     prepared = prepare(cfg)
-    stop = StopAtSuccess()
+    stop = StopAtSuccess(THRESHOLD)
     try:
         prepared.model.learn(budget, callback=stop)
     except KeyboardInterrupt:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch as th
-from stable_baselines3.common.callbacks import BaseCallback
 
+from rims_rl.agents.callbacks import StopAtSuccess
 from rims_rl.agents.training import prepare
 from rims_rl.config import CONFIG_DIR, resolve_config
 from rims_rl.envs.babyai import POOLS, ObjectPickingEnv, split_env_id, tokenize_mission
@@ -62,22 +62,6 @@ def test_a2c_core_still_reads_its_observation_after_its_first_updates(policy):
     prepared.env.close()
     assert spread_after > 0.3 * spread_before, f"{spread_before:.4f} -> {spread_after:.4f}"
     assert saturated < 0.1
-
-
-class StopAtSuccess(BaseCallback):
-    """Stops training once the success rate of the last 100 training episodes reaches ``threshold``."""
-
-    def __init__(self, threshold: float) -> None:
-        super().__init__()
-        self.threshold = threshold
-        self.reached_at: int | None = None
-
-    def _on_step(self) -> bool:
-        successes = self.model.ep_success_buffer
-        if len(successes) == successes.maxlen and np.mean(successes) >= self.threshold:
-            self.reached_at = self.num_timesteps
-            return False
-        return True
 
 
 @pytest.mark.parametrize("seed", [0, pytest.param(2, marks=pytest.mark.slow)])
