@@ -430,12 +430,14 @@ def test_native_loop_runs_where_it_applies_and_python_elsewhere(monkeypatch):
     assert calls == ["_run_loop"]
 
 
+@pytest.mark.parametrize("comm", [(4, 3), (16, 16)], ids=["comm-4x3", "comm-16x16"])
 @pytest.mark.parametrize("fused", [False, True], ids=["aten", "fused"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_python_and_cpp_loops_agree_with_attention_dropout(cell, fused, monkeypatch):
+def test_python_and_cpp_loops_agree_with_attention_dropout(cell, fused, comm, monkeypatch):
     """Dropout masks are drawn before the loop, so with the same seed the C++ loop gives the Python loop's
     outputs and gradients: with ATen operators only (as on a GPU), the LSTM bit for bit and the GRU to rounding;
-    with the fused CPU kernels (``FUSED_KERNELS``), to rounding (float64)."""
+    with the fused CPU kernels (``FUSED_KERNELS``), to rounding (float64). Communication head sizes of 16 run the
+    fused communication kernels with their sizes fixed at compile time, 4 x 3 with run-time sizes."""
     monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", None)
     if rims_rl.rim_fast._native() is None:
         pytest.skip("the C++ loop could not be built here (test_native_loop_builds says why)")
@@ -443,7 +445,7 @@ def test_python_and_cpp_loops_agree_with_attention_dropout(cell, fused, monkeypa
     results = []
     for native in (False, True):
         monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", native)
-        rim = make_rim(cell=cell, dropout=0.3)
+        rim = make_rim(cell=cell, dropout=0.3, comm_key_size=comm[0], comm_value_size=comm[1])
         x, h0, c0 = random_inputs()
         x = x[:, :, 0].requires_grad_()
         torch.manual_seed(5)
@@ -458,12 +460,14 @@ def test_python_and_cpp_loops_agree_with_attention_dropout(cell, fused, monkeypa
     assert not torch.equal(again, make_rim(cell=cell, dropout=0.0)(x, (h0, c0))[0])  # dropout did act
 
 
+@pytest.mark.parametrize("comm", [32, 16], ids=["comm-32", "comm-16"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_fused_kernels_match_aten_operators_in_float32(cell, dropout, monkeypatch):
-    """In float32 (training's precision), at sizes like the benchmark's, the C++ loop's fused CPU kernels give the
-    ATen operators' results (what a GPU runs): the same winners, and every output, state, input attention and
-    gradient within 1e-5 of the tensor's largest magnitude (measured: ~3e-7, a few float32 ulps)."""
+def test_fused_kernels_match_aten_operators_in_float32(cell, dropout, comm, monkeypatch):
+    """In float32 (training's precision), at sizes like the benchmark's (communication heads of 32, the paper's)
+    and the configs' (16), the C++ loop's fused CPU kernels give the ATen operators' results (what a GPU runs):
+    the same winners, and every output, state, input attention and gradient within 1e-5 of the tensor's largest
+    magnitude (measured: ~3e-7, a few float32 ulps)."""
     monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", None)
     if rims_rl.rim_fast._native() is None:
         pytest.skip("the C++ loop could not be built here (test_native_loop_builds says why)")
@@ -471,7 +475,8 @@ def test_fused_kernels_match_aten_operators_in_float32(cell, dropout, monkeypatc
     for fused in (False, True):
         monkeypatch.setattr(rims_rl.rim_fast, "FUSED_KERNELS", fused)
         torch.manual_seed(0)
-        rim = RIM(16, num_units=6, unit_size=32, k_active=4, cell=cell, dropout=dropout)
+        sizes = dict(num_units=6, unit_size=32, k_active=4, comm_key_size=comm, comm_value_size=comm)
+        rim = RIM(16, cell=cell, dropout=dropout, **sizes)
         g = torch.Generator().manual_seed(1)
         x = torch.randn(32, 4, 16, generator=g).requires_grad_()
         starts = torch.zeros(32, 4)
