@@ -49,11 +49,12 @@ Sizes sizes_of(const Tensor& keys, const Tensor& values, const Tensor& h, const 
 // ---- Fused CPU kernels (used when `fused`: on the CPU) ----
 // The small element-wise parts of a step (input attention over one vector, the selection, the cell's arithmetic, the
 // communication attention among the K units, the gated residual) and their backward each run as one plain C++ loop
-// instead of a dozen ATen operators with their dispatch, views and temporaries; the matrix products stay ATen calls
-// (and a GRU's sigmoid and tanh). The formulas are those of the ATen code they replace (kept below, for other
-// devices), so the values agree up to rounding: sums in another order, std::exp for the input attention's sigmoids
-// and exp_simd (below) for the softmax among units and the LSTM cell's and the residual's activations, against
-// ATen's vectorised exp. The tests bound the difference.
+// instead of a dozen ATen operators with their dispatch, views and temporaries; so do the per-step weight products
+// with few rows (unit_mm, below); the other matrix products stay ATen calls (and a GRU's sigmoid and tanh). The
+// formulas are those of the ATen code they replace (kept below, for other devices), so the values agree up to
+// rounding: sums in another order, std::exp for the input attention's sigmoids and exp_simd (below) for the softmax
+// among units and the LSTM cell's and the residual's activations, against ATen's vectorised exp. The tests bound the
+// difference.
 template <typename T>
 struct Rows {  // rows of a (K, B, X) tensor whose last axis is contiguous
   T* p;
@@ -612,6 +613,160 @@ struct LoopThreads {
   LoopThreads& operator=(const LoopThreads&) = delete;
 };
 
+// ---- The per-step weight products, fused path ----
+// Each step multiplies a few rows per unit (the batch: 2 sequences in an Atari PPO minibatch, 8 environments in a
+// rollout) by that unit's weights, (K, M, N) x (K, N, P) with M small. ATen's bmm is then bound by reading the
+// weights, and reads them at about half the rate a plain loop can: unit_mm streams each weight row once per four
+// rows of the batch, with the sums in registers (32-byte vectors of the compiler's vector extension: AVX where the
+// build has it, two SSE halves otherwise), over the intra-op threads (OpenMP's, reached through the same weak
+// references to torch's runtime as LoopThreads: serial without one). Each output is bias + sum over n in order n =
+// 0, 1, ..., one fused multiply-add at a time: not ATen's (MKL's) order, so its values differ from bmm's by
+// rounding (the tests bound the difference, and compare unit_mm with bmm directly).
+#if defined(__GNUC__)
+extern "C" {
+__attribute__((weak)) void GOMP_parallel(void (*)(void*), void*, unsigned, unsigned);
+__attribute__((weak)) int omp_get_thread_num(void);
+__attribute__((weak)) int omp_get_num_threads(void);
+__attribute__((weak)) int omp_in_parallel(void);
+}
+#define RIM_CAN_FORK \
+  (RIM_HAS_OMP && GOMP_parallel != nullptr && omp_get_thread_num != nullptr && omp_get_num_threads != nullptr)
+#define RIM_UNIT_MM 1
+#else
+#define RIM_CAN_FORK false
+#define RIM_UNIT_MM 0
+#endif
+
+// f(begin, end) over [0, n), split in contiguous ranges among OpenMP's threads (what `#pragma omp parallel` compiles
+// to: this file is built without -fopenmp, so it links to no OpenMP runtime of its own)
+template <typename F>
+void parallel_ranges(int64_t n, bool worth_it, const F& f) {
+#if defined(__GNUC__)
+  if (worth_it && n > 1 && RIM_CAN_FORK && omp_get_max_threads() > 1 && !(omp_in_parallel && omp_in_parallel())) {
+    struct Job {
+      const F* f;
+      int64_t n;
+    } job{&f, n};
+    GOMP_parallel(
+        [](void* data) {
+          const Job& j = *static_cast<const Job*>(data);
+          const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+          const int64_t chunk = (j.n + threads - 1) / threads, begin = id * chunk;
+          if (begin < j.n) (*j.f)(begin, std::min(j.n, begin + chunk));
+        },
+        &job, 0, 0);
+    return;
+  }
+#endif
+  f(0, n);
+}
+
+#if RIM_UNIT_MM
+template <typename T>
+struct Lanes {
+  typedef T wide __attribute__((vector_size(32)));
+  typedef T half __attribute__((vector_size(16)));
+};
+
+template <typename V, typename T>
+inline V load_v(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store_v(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// MB rows by NV vectors V (or scalars) of out = bias + a w, from column p0: the sums stay in registers while the
+// weight rows stream past
+template <typename T, typename V, int MB, int NV>
+inline void unit_mm_block(const T* a, int64_t sam, int64_t san, const T* w, int64_t N, int64_t P, T* out,
+                          const T* bias, int64_t sbm, int64_t p0) {
+  constexpr int lanes = sizeof(V) / sizeof(T);
+  V acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NV; ++j) acc[m][j] = bias ? load_v<V>(bias + m * sbm + p0 + lanes * j) : V{};
+  for (int64_t n = 0; n < N; ++n) {
+    V wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = load_v<V>(w + n * P + p0 + lanes * j);
+    for (int m = 0; m < MB; ++m) {
+      const T x = a[m * sam + n * san];
+      for (int j = 0; j < NV; ++j) acc[m][j] += x * wv[j];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NV; ++j) store_v(out + m * P + p0 + lanes * j, acc[m][j]);
+}
+
+template <typename T, typename V, int NV>
+inline void unit_mm_rows(const T* a, int64_t sam, int64_t san, const T* w, int64_t M, int64_t N, int64_t P, T* out,
+                         const T* bias, int64_t sbm, int64_t p0) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4)
+    unit_mm_block<T, V, 4, NV>(a + m * sam, sam, san, w, N, P, out + m * P, bias ? bias + m * sbm : nullptr, sbm, p0);
+  for (; m + 2 <= M; m += 2)
+    unit_mm_block<T, V, 2, NV>(a + m * sam, sam, san, w, N, P, out + m * P, bias ? bias + m * sbm : nullptr, sbm, p0);
+  for (; m < M; ++m)
+    unit_mm_block<T, V, 1, NV>(a + m * sam, sam, san, w, N, P, out + m * P, bias ? bias + m * sbm : nullptr, sbm, p0);
+}
+
+template <typename T>
+void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Tensor& out) {
+  using wide = typename Lanes<T>::wide;
+  using half = typename Lanes<T>::half;
+  constexpr int64_t lanes = sizeof(wide) / sizeof(T), block = 2 * lanes;
+  const int64_t K = a.size(0), M = a.size(1), N = a.size(2), P = w.size(2);
+  const T* A = a.data_ptr<T>();
+  const T* W = w.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  const T* Bs = bias.defined() ? bias.data_ptr<T>() : nullptr;
+  const int64_t sak = a.stride(0), sam = a.stride(1), san = a.stride(2);
+  const int64_t sbk = Bs && bias.size(0) > 1 ? bias.stride(0) : 0, sbm = Bs && bias.size(1) > 1 ? bias.stride(1) : 0;
+  const int64_t blocks = (P + block - 1) / block;  // work items: (unit, block of columns)
+  parallel_ranges(K * blocks, K * M * N * P >= 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / blocks, p0 = item % blocks * block, p1 = std::min(P, p0 + block);
+      const T* ak = A + k * sak;
+      const T* wk = W + k * N * P;
+      T* ok = O + k * M * P;
+      const T* bk = Bs ? Bs + k * sbk : nullptr;
+      int64_t p = p0;
+      if (p + block <= p1) unit_mm_rows<T, wide, 2>(ak, sam, san, wk, M, N, P, ok, bk, sbm, p), p += block;
+      if (p + lanes <= p1) unit_mm_rows<T, wide, 1>(ak, sam, san, wk, M, N, P, ok, bk, sbm, p), p += lanes;
+      if (p + lanes / 2 <= p1) unit_mm_rows<T, half, 1>(ak, sam, san, wk, M, N, P, ok, bk, sbm, p), p += lanes / 2;
+      for (; p < p1; ++p) unit_mm_rows<T, T, 1>(ak, sam, san, wk, M, N, P, ok, bk, sbm, p);
+    }
+  });
+}
+#endif
+
+// bias + a w, or a w without a bias, per unit: (K, M, N) x (K, N, P) (+ (K or 1, M or 1, P)), into `out` where given.
+// With `fused` (the CPU, float or double), unit_mm_cpu where the weights' rows and the output are contiguous and the
+// product is one it does faster (measured on 2 cores: 0.45-0.65x bmm's time with 2 rows, 0.7-0.8x with 8 and 16, and
+// CartPoleNoVel's small weights 0.9x with 53 rows; with 32 to 64 rows and the paper's weights 0.9-1.1x: left to
+// bmm); otherwise ATen's baddbmm / bmm.
+Tensor unit_mm(bool fused, const Tensor& bias, const Tensor& a, const Tensor& w, Tensor out = Tensor()) {
+  const int64_t M = a.size(1), NP = w.size(1) * w.size(2);
+  const bool own = RIM_UNIT_MM && fused && (M <= 16 || NP <= 16384) && w.is_contiguous() &&
+                   (!out.defined() || out.is_contiguous()) &&
+                   (!bias.defined() || (bias.dim() == 3 && bias.stride(2) == 1));
+  if (!own) {
+    if (!out.defined()) return bias.defined() ? at::baddbmm(bias, a, w) : at::bmm(a, w);
+    return bias.defined() ? at::baddbmm_out(out, bias, a, w) : at::bmm_out(out, a, w);
+  }
+  if (!out.defined()) out = at::empty({a.size(0), a.size(1), w.size(2)}, a.options());
+#if RIM_UNIT_MM
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "unit_mm", [&] {
+    RECORD_FUNCTION("rims_rl::unit_mm", std::vector<c10::IValue>());
+    unit_mm_cpu<scalar_t>(bias, a, w, out);
+  });
+#endif
+  return out;
+}
+
 }  // namespace
 
 // Forward over a sequence. Returns [outputs (L,K,B,H), h_n, c_n (empty for a GRU), masks (L,K,B) bool,
@@ -714,13 +869,13 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
     // softmax over {null, x} with the null score exactly 0: the weight on x is sigmoid(score)
     Tensor q, gh, score;
     if (projected) {
-      score = at::baddbmm((*score_bias)[t], h.reshape({K * B, 1, H}), (*score_weight)[t]).view({K, B, Hi});
+      score = unit_mm(fused, (*score_bias)[t], h.reshape({K * B, 1, H}), (*score_weight)[t]).view({K, B, Hi});
     } else if (merged) {
-      Tensor hz = at::baddbmm(b_h, h, w_h);
+      Tensor hz = unit_mm(fused, b_h, h, w_h);
       q = hz.narrow(2, 0, dq).view({K, B, Hi, dk});
       gh = hz.narrow(2, dq, G);
     } else {
-      q = at::baddbmm(bq, h, wq).view({K, B, Hi, dk});
+      q = unit_mm(fused, bq, h, wq).view({K, B, Hi, dk});
     }
     Tensor p = record ? p_all[t] : (fused ? p_buf : at::empty({K, B, Hi}, opt));
     Tensor on_input = attention[t];  // (K, B) = 1 - null attention
@@ -746,17 +901,17 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
       }
     }
     if (projected) {
-      gx = at::baddbmm(*gate_bias, p_read.view({K * B, 1, Hi}), (*proj_gates)[t]).view({K, B, G});
+      gx = unit_mm(fused, *gate_bias, p_read.view({K * B, 1, Hi}), (*proj_gates)[t]).view({K, B, G});
       if (lstm) {
-        gates = at::baddbmm(gx, h, whh);
+        gates = unit_mm(fused, gx, h, whh);
       } else {
-        gh = at::baddbmm(*bhh, h, whh);
+        gh = unit_mm(fused, *bhh, h, whh);
       }
     } else if (lstm) {
-      gates = merged ? at::baddbmm(gh, read, wih) : at::baddbmm(at::baddbmm(bih, read, wih), h, whh);
+      gates = merged ? unit_mm(fused, gh, read, wih) : unit_mm(fused, unit_mm(fused, bih, read, wih), h, whh);
     } else {
-      gx = at::baddbmm(bih, read, wih);
-      if (!merged) gh = at::baddbmm(*bhh, h, whh);
+      gx = unit_mm(fused, bih, read, wih);
+      if (!merged) gh = unit_mm(fused, *bhh, h, whh);
     }
     Tensor active = masks[t];  // (K, B) bool: the k_A units with the least attention on the null element
     if (fused) {
@@ -820,7 +975,7 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
     // ---- 4. Communication (§2.4): active units read all units; gated, squashed residual ----
     if (communication) {
       Tensor qkv = record ? qkv_all[t] : (fused ? qkv_buf : at::empty({K, B, Hc * dqkv}, opt));
-      at::bmm_out(qkv, h1, *wqkv);
+      unit_mm(fused, Tensor(), h1, *wqkv, qkv);
       Tensor ac_t = record ? ac_all[t] : (fused ? ac_buf : at::empty({B * Hc, K, K}, opt));
       Tensor rc = record ? rc_all.select(1, t) : (fused ? rc_buf : at::empty({K, B, Hc * cv}, opt));
       if (fused) {
@@ -837,7 +992,7 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
         Tensor rc4 = at::bmm(ac_read, v2).view({B, Hc, K, cv}).permute({2, 0, 1, 3});
         rc.view({K, B, Hc, cv}).copy_(rc4);
       }
-      Tensor pre = at::baddbmm(*bout, rc, *wout);
+      Tensor pre = unit_mm(fused, *bout, rc, *wout);
       Tensor ug = record ? ug_all[t] : (fused ? ug_buf : at::empty({K, B, 2 * H}, opt));
       Tensor out_t = outputs[t];
       if (fused) {
@@ -896,17 +1051,21 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
   Tensor d_s_all = at::empty({K, L, B, Hi}, opt);
   Tensor d_pre_all, d_qkv_all, wout_t, wqkv_t;
   const Tensor d_read_all = projected ? Tensor() : at::empty({L, K, B, Hi * dv}, opt);
+  // fused: as in rim_forward; the transposed weights then contiguous for unit_mm, copied once per sequence where
+  // the sequence is long enough to repay the copy (shorter: the views, which unit_mm leaves to ATen's bmm)
+  fused = fused && h_in.is_cpu() && (h_in.scalar_type() == at::kFloat || h_in.scalar_type() == at::kDouble);
+  const auto transposed = [copy = fused && L >= 8](const Tensor& w) {
+    return copy ? w.transpose(1, 2).contiguous() : w.transpose(1, 2);
+  };
   if (communication) {
     d_pre_all = at::empty({K, L, B, 2 * H}, opt);
     d_qkv_all = at::empty({K, L, B, Hc * dqkv}, opt);
-    wout_t = wout->transpose(1, 2);
-    wqkv_t = wqkv->transpose(1, 2);
+    wout_t = transposed(*wout);
+    wqkv_t = transposed(*wqkv);
   }
-  const Tensor w_h_t = (projected ? whh : at::cat({wq, whh}, -1)).transpose(1, 2);
-  const Tensor wih_t = wih.transpose(1, 2);
+  const Tensor w_h_t = transposed(projected ? whh : at::cat({wq, whh}, -1));
+  const Tensor wih_t = projected ? Tensor() : transposed(wih);  // (the projected path does not read it)
 
-  // fused: as in rim_forward
-  fused = fused && h_in.is_cpu() && (h_in.scalar_type() == at::kFloat || h_in.scalar_type() == at::kDouble);
   const auto dtype = h_in.scalar_type();
   Tensor d_out_all, drop_c_all, dh_acc_buf, dh_prev_buf;
   if (fused) {  // row-contiguous inputs for the kernels, and a cell-state gradient of our own to update in place
@@ -932,12 +1091,12 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
       }
       dh1 = dh_acc;
       if (communication) {
-        const Tensor d_rc = at::bmm(d_pre_all.select(1, t), wout_t);  // (K, B, Hc*cv)
+        const Tensor d_rc = unit_mm(fused, Tensor(), d_pre_all.select(1, t), wout_t);  // (K, B, Hc*cv)
         Tensor d_qkv = d_qkv_all.select(1, t);
         RIM_FUSED("comm_attend_backward",
                   comm_attend_backward_cpu<scalar_t>(d_rc, qkv_all[t], ac_all[t], drop_c ? drop_c_all[t] : Tensor(),
                                                      d_qkv, Hc, ck, cv, scale));
-        dh1 = at::baddbmm(dh_acc, d_qkv, wqkv_t);  // residual + through q, k, v
+        dh1 = unit_mm(fused, dh_acc, d_qkv, wqkv_t);  // residual + through q, k, v
       }
       // ---- 3. dynamics ----
       RIM_FUSED("cell_backward",
@@ -1018,7 +1177,7 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
 
     // ---- 1. input attention over one vector ----
     if (projected) {  // through the step-independent projections; their own gradients are formed after the loop
-      dh_prev = at::baddbmm(dh_prev, d_gh.select(1, t), w_h_t);
+      dh_prev = unit_mm(fused, dh_prev, d_gh.select(1, t), w_h_t);
       Tensor d_p =
           at::bmm(d_gx.select(1, t).reshape({K * B, 1, G}), (*proj_gates)[t].transpose(1, 2)).view({K, B, Hi});
       if (drop_in) d_p = d_p * (*drop_in)[t];
@@ -1036,7 +1195,7 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
       continue;
     }
     Tensor d_read = d_read_all[t];  // (K, B, Hi*dv)
-    at::bmm_out(d_read, d_gx.select(1, t), wih_t);
+    unit_mm(fused, Tensor(), d_gx.select(1, t), wih_t, d_read);
     Tensor d_s = d_s_all.select(1, t);
     if (fused) {
       RIM_FUSED("attend_backward",
@@ -1049,7 +1208,7 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
       at::sigmoid_backward_out(d_s, d_p, p_all[t]);
       at::mul_out(d_q, d_s.unsqueeze(-1), keys[t]);
     }
-    dh_prev = at::baddbmm(dh_prev, d_hz.select(1, t), w_h_t);  // through the queries and the gates
+    dh_prev = unit_mm(fused, dh_prev, d_hz.select(1, t), w_h_t);  // through the queries and the gates
 
     if (reset_steps[t]) {
       const Tensor k = (*keep)[t];
@@ -1075,4 +1234,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("backward", &rim_backward, "Backward through time of the RIM loop",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def(
+      "unit_mm",
+      [](const std::optional<Tensor>& bias, const Tensor& a, const Tensor& w) {
+        return unit_mm(true, bias ? *bias : Tensor(), a, w);
+      },
+      "bias + a @ w per unit as the fused loop computes it, on the CPU (for the tests)",
+      pybind11::call_guard<pybind11::gil_scoped_release>());
 }
