@@ -199,7 +199,7 @@ def _projections(call: _Call) -> _VectorProjections | None:
     if call.cfg.mode != "projected":
         return None
     assert call.keys is not None and call.values is not None
-    return _vector_projections(call.keys, call.values, call.weights)
+    return _vector_projections(call.keys, call.values, call.weights, _by_head(call.cfg, call.keys))
 
 
 class _LoopConfig(NamedTuple):
@@ -252,9 +252,9 @@ class _VectorProjections(NamedTuple):
     weights (``K x 4H x 4H`` floats at the paper's sizes) once per step. Same function, summed in another order.
     """
 
-    score_weight: Tensor  # (L, K*B, H, Hi): W_q,h key_h per unit, sample and head
+    score_weight: Tensor  # (L, K*B, H, Hi): W_q,h key_h per unit, sample and head; by head: (Hi, L, B, K, H)
     score_bias: Tensor  # (L, K*B, 1, Hi): b_q,h . key_h
-    gates: Tensor  # (L, K*B, Hi, G): value_h W_ih,h, G = n_gates * H
+    gates: Tensor  # (L, K*B, Hi, G): value_h W_ih,h, G = n_gates * H; by head: (Hi, L, B, K, G)
     gate_bias: Tensor  # (K*B, 1, G): b_ih for every sample
 
 
@@ -316,17 +316,35 @@ def _fold_input(rim: RIM, D: int) -> tuple[Tensor, Tensor, Tensor]:
     return A, a, M
 
 
-def _vector_projections(keys: Tensor, values: Tensor, weights: tuple[Tensor | None, ...]) -> _VectorProjections:
+def _vector_projections(
+    keys: Tensor, values: Tensor, weights: tuple[Tensor | None, ...], by_head: bool = False
+) -> _VectorProjections:
+    """The projections in the per-step layouts the loops' batched products read, or ``by_head``: the score weights
+    and gates in the layouts their einsums write, ``(Hi, L, B, K, .)``, for the fused C++ loop (:func:`_by_head`),
+    which saves a copy of the whole sequence's projections (39 MB at batch 8 of ``benchmark_core.py`` (b)). The
+    same numbers either way."""
     wq, bq, wih, bih = weights[:4]
     assert wq is not None and bq is not None and wih is not None and bih is not None
     L, B, Hi, dk = keys.shape
     dv = values.shape[-1]
     K, H, _ = wq.shape
     G = wih.shape[-1]
-    score_weight = torch.einsum("kdhe,lbhe->lkbdh", wq.view(K, H, Hi, dk), keys).reshape(L, K * B, H, Hi)
+    if by_head:  # (.contiguous(): a no-op, as the einsums write these layouts)
+        score_weight = torch.einsum("lbhe,kdhe->hlbkd", keys, wq.view(K, H, Hi, dk)).contiguous()
+        gates = torch.einsum("lbhv,khvg->hlbkg", values, wih.view(K, Hi, dv, G)).contiguous()
+    else:
+        score_weight = torch.einsum("kdhe,lbhe->lkbdh", wq.view(K, H, Hi, dk), keys).reshape(L, K * B, H, Hi)
+        gates = torch.einsum("lbhv,khvg->lkbhg", values, wih.view(K, Hi, dv, G)).reshape(L, K * B, Hi, G)
     score_bias = torch.einsum("khe,lbhe->lkbh", bq.view(K, Hi, dk), keys).reshape(L, K * B, 1, Hi)
-    gates = torch.einsum("lbhv,khvg->lkbhg", values, wih.view(K, Hi, dv, G)).reshape(L, K * B, Hi, G)
+    if by_head:  # (rows the fused kernels index: a copy where the einsum's layout is another, as for one step)
+        score_bias = score_bias.contiguous()
     return _VectorProjections(score_weight, score_bias, gates, bih.expand(K, B, G).reshape(K * B, 1, G))
+
+
+def _by_head(cfg: _LoopConfig, keys: Tensor) -> bool:
+    """Whether the loop reads the projections by head (:func:`_vector_projections`): where the C++ loop runs its
+    fused kernels (the CPU, float or double, :data:`FUSED_KERNELS`). Its other modes take either layout."""
+    return cfg.native and FUSED_KERNELS and keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.float64)
 
 
 # One fused op each instead of three: grad * (1 - y^2) and grad * y * (1 - y) from the activation's output y; the
@@ -637,7 +655,7 @@ class _RIMSequence(torch.autograd.Function):
     def forward(ctx, cfg, keys, values, gates_x_all, h0, c0, keep, *weights):  # type: ignore[override]
         K, B, H = h0.shape
         L = (keys if keys is not None else gates_x_all).shape[0]
-        proj = _vector_projections(keys, values, weights) if cfg.mode == "projected" else None
+        proj = _vector_projections(keys, values, weights, _by_head(cfg, keys)) if cfg.mode == "projected" else None
         if cfg.native:
             outputs, h_n, c_n, masks, attention, tape = _native_forward(
                 cfg, keys, values, h0, c0, keep, weights, True, proj
@@ -1201,7 +1219,11 @@ class _RIMSequences(torch.autograd.Function):
         items = [flat[i * _ITEM : (i + 1) * _ITEM] for i in range(n)]
         projs, futures = [], []
         for cfg, keys, values, h0, c0, keep, *weights in items:
-            proj = _vector_projections(keys, values, tuple(weights)) if cfg.mode == "projected" else None
+            proj = (
+                _vector_projections(keys, values, tuple(weights), _by_head(cfg, keys))
+                if cfg.mode == "projected"
+                else None
+            )
             projs.append(proj)
             futures.append(
                 _pool().submit(_native_forward, cfg, keys, values, h0, c0, keep, tuple(weights), True, proj, 1)

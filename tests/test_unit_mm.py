@@ -1,5 +1,6 @@
-"""The C++ loop's own product for the per-step weight products (``unit_mm`` in ``csrc/rim_loop.cpp``): bias + a @ w
-per unit, with few rows, as ``torch.baddbmm`` computes it up to rounding (its sums run in another order)."""
+"""The fused C++ loop's own products (``csrc/rim_loop.cpp``): ``unit_mm`` for the per-step weight products (bias + a @ w
+per unit, with few rows, as ``torch.baddbmm`` computes it up to rounding: its sums run in another order), and the
+projected path's products on the projections laid out by head (``_vector_projections(..., by_head=True)``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import rims_rl.rim_fast
+from rims_rl import RIM
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +89,53 @@ def test_unit_mm_leaves_other_products_to_aten(native):
             got = native.unit_mm(b, a, w)
         assert "rims_rl::unit_mm" not in {e.key for e in prof.key_averages()}
         assert torch.equal(got, torch.bmm(a, w) if b is None else torch.baddbmm(b, a, w))
+
+
+def test_projections_by_head_hold_the_same_numbers():
+    """The by-head layouts are the einsums' own; the per-step layouts are copies of the same numbers."""
+    g = torch.Generator().manual_seed(0)
+    L, B, K, H, Hi, dk, dv, G = 5, 3, 4, 6, 2, 7, 5, 24
+    keys, values = torch.randn(L, B, Hi, dk, generator=g), torch.randn(L, B, Hi, dv, generator=g)
+    weights = (torch.randn(K, H, Hi * dk, generator=g), torch.randn(K, 1, Hi * dk, generator=g),
+               torch.randn(K, Hi * dv, G, generator=g), torch.randn(K, 1, G, generator=g))  # fmt: skip
+    rows = rims_rl.rim_fast._vector_projections(keys, values, weights)
+    by_head = rims_rl.rim_fast._vector_projections(keys, values, weights, by_head=True)
+    assert by_head.score_weight.shape == (Hi, L, B, K, H) and by_head.score_weight.is_contiguous()
+    assert by_head.gates.shape == (Hi, L, B, K, G) and by_head.gates.is_contiguous()
+    assert torch.equal(by_head.score_weight.permute(1, 3, 2, 4, 0).reshape(L, K * B, H, Hi), rows.score_weight)
+    assert torch.equal(by_head.gates.permute(1, 3, 2, 0, 4).reshape(L, K * B, Hi, G), rows.gates)
+    assert torch.equal(by_head.score_bias, rows.score_bias) and torch.equal(by_head.gate_bias, rows.gate_bias)
+
+
+@pytest.mark.parametrize("fused_backward", [False, True], ids=["aten-backward", "fused-backward"])
+def test_projected_path_by_head_with_fused_kernels_switched_off_before_the_backward(
+    native, fused_backward, monkeypatch
+):
+    """A forward with the fused kernels lays the projections out by head; a backward after FUSED_KERNELS was turned
+    off reads them with ATen operators (one step's slice copied to their layout) and gives the same gradients as a
+    fused backward, to rounding (float64), and the Python loop's."""
+    monkeypatch.setattr(rims_rl.rim_fast, "VECTOR_INPUT_PATH", "projected")
+    layouts = []
+    project = rims_rl.rim_fast._vector_projections
+
+    def spy(keys, values, weights, by_head=False):
+        layouts.append(by_head)
+        return project(keys, values, weights, by_head)
+
+    monkeypatch.setattr(rims_rl.rim_fast, "_vector_projections", spy)
+    results = []
+    for loop in ("python", "cpp"):
+        monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", loop == "cpp")
+        monkeypatch.setattr(rims_rl.rim_fast, "FUSED_KERNELS", loop == "cpp")
+        torch.manual_seed(0)
+        rim = RIM(7, num_units=5, unit_size=6, k_active=3, input_key_size=4, input_heads=2, comm_key_size=4,
+                  comm_value_size=3, comm_heads=2, dropout=0.2).double()  # fmt: skip
+        x = torch.randn(9, 4, 7, dtype=torch.double, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        torch.manual_seed(2)
+        out, (h, c), _ = rim(x)
+        monkeypatch.setattr(rims_rl.rim_fast, "FUSED_KERNELS", loop == "cpp" and fused_backward)
+        (out.sin().sum() + h.cos().sum() + c.sum()).backward()
+        results.append([out, x.grad, *(p.grad for p in rim.parameters())])
+    assert layouts == [False, True]  # the Python loop's per-step layout, the fused C++ loop's by head
+    for python, cpp in zip(*results, strict=True):
+        torch.testing.assert_close(cpp, python, rtol=0, atol=1e-12)

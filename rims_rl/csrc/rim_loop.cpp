@@ -760,11 +760,70 @@ Tensor unit_mm(bool fused, const Tensor& bias, const Tensor& a, const Tensor& w,
   if (!out.defined()) out = at::empty({a.size(0), a.size(1), w.size(2)}, a.options());
 #if RIM_UNIT_MM
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "unit_mm", [&] {
-    RECORD_FUNCTION("rims_rl::unit_mm", std::vector<c10::IValue>());
+    RECORD_FUNCTION("rims_rl::unit_mm", std::vector<c10::IValue>({a, w}));  // (shapes for the profiler)
     unit_mm_cpu<scalar_t>(bias, a, w, out);
   });
 #endif
   return out;
+}
+
+// ---- The projected path's per-step products, on the projections as their batched products write them ----
+// For the fused loop, rim_fast._vector_projections leaves the score weights (Hi, L, B, K, H) and the projected gates
+// (Hi, L, B, K, G) in the layouts their einsums produce; the (L, K*B, ., .) layouts that bmm reads cost a copy of
+// the whole sequence's projections (39 MB at batch 8 in benchmark (b), ~15 ms). At step t, unit k and sample b use
+// the Hi rows proj[h, t, b, k, :]. (ATen operators on this layout: by_head_rows, below.)
+
+// out[k, b, h] = bias[k, b, h] (or 0) + sum_x v[k, b, x] proj[h, t, b, k, x]: the scores (v the state), and the
+// gradient of the read's weights (v the gates' gradient)
+template <typename T>
+void proj_dot_cpu(const Tensor& proj, int64_t t, const Tensor& v, const Tensor& bias, const Tensor& out) {
+  const int64_t Hi = proj.size(0), L = proj.size(1), B = proj.size(2), K = proj.size(3), X = proj.size(4);
+  const T* P = proj.data_ptr<T>();
+  const Rows<T> vr(v), br(bias), o(out);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* x = vr(k, b);
+      T* ob = o(k, b);
+      for (int64_t h = 0; h < Hi; ++h) {
+        const T* row = P + ((h * L + t) * B * K + b * K + k) * X;
+        T s = 0;
+        #pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < X; ++i) s += x[i] * row[i];
+        ob[h] = (br.p ? br(k, b)[h] : T(0)) + s;
+      }
+    }
+  }
+}
+
+// out[k, b, :] = base[k, b, :] + sum_h c[k, b, h] proj[h, t, b, k, :] (out may be base): the gates' input part (c
+// the read's weights, base the bias), and the state's gradient through the scores (c their gradient)
+template <typename T>
+void proj_combine_cpu(const Tensor& proj, int64_t t, const Tensor& c, const Tensor& base, const Tensor& out) {
+  const int64_t Hi = proj.size(0), L = proj.size(1), B = proj.size(2), K = proj.size(3), X = proj.size(4);
+  const T* P = proj.data_ptr<T>();
+  const Rows<T> cr(c), br(base), o(out);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* cb = cr(k, b);
+      const T* in = br(k, b);
+      T* ob = o(k, b);
+      #pragma omp simd
+      for (int64_t i = 0; i < X; ++i) ob[i] = in[i];
+      for (int64_t h = 0; h < Hi; ++h) {
+        const T* row = P + ((h * L + t) * B * K + b * K + k) * X;
+        const T w = cb[h];
+        #pragma omp simd
+        for (int64_t i = 0; i < X; ++i) ob[i] += w * row[i];
+      }
+    }
+  }
+}
+
+// Step t of a by-head projection (Hi, L, B, K, X) as the (K*B, Hi, X) rows the ATen operators take (a copy of one
+// step's slice)
+Tensor by_head_rows(const Tensor& proj, int64_t t) {
+  const int64_t Hi = proj.size(0), B = proj.size(2), K = proj.size(3), X = proj.size(4);
+  return proj.select(1, t).permute({2, 1, 0, 3}).reshape({K * B, Hi, X});
 }
 
 }  // namespace
@@ -795,6 +854,7 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
   const auto opt = h.options();
   Tensor c = lstm ? *c_opt : Tensor();
   const bool projected = score_weight.has_value();  // through _VectorProjections (rim_fast.py)
+  const bool by_head = projected && score_weight->dim() == 5;  // its layouts (proj_dot_cpu, above)
   merged = !projected && (merged || record);
   Tensor w_h, b_h;
   if (merged) {  // [W_q | W_hh]: a unit's queries and its recurrent gate inputs from one product of its state
@@ -868,8 +928,12 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
     // ---- 1-2. Input attention over one vector and selection (§2.3) ----
     // softmax over {null, x} with the null score exactly 0: the weight on x is sigmoid(score)
     Tensor q, gh, score;
-    if (projected) {
-      score = unit_mm(fused, (*score_bias)[t], h.reshape({K * B, 1, H}), (*score_weight)[t]).view({K, B, Hi});
+    if (projected && by_head && fused) {
+      score = at::empty({K, B, Hi}, opt);
+      RIM_FUSED("proj_dot", proj_dot_cpu<scalar_t>(*score_weight, t, h, (*score_bias)[t].view({K, B, Hi}), score));
+    } else if (projected) {
+      const Tensor w = by_head ? by_head_rows(*score_weight, t).transpose(1, 2) : (*score_weight)[t];
+      score = unit_mm(fused, (*score_bias)[t], h.reshape({K * B, 1, H}), w).view({K, B, Hi});
     } else if (merged) {
       Tensor hz = unit_mm(fused, b_h, h, w_h);
       q = hz.narrow(2, 0, dq).view({K, B, Hi, dk});
@@ -901,7 +965,14 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
       }
     }
     if (projected) {
-      gx = unit_mm(fused, *gate_bias, p_read.view({K * B, 1, Hi}), (*proj_gates)[t]).view({K, B, G});
+      if (by_head && fused) {
+        gx = at::empty({K, B, G}, opt);
+        RIM_FUSED("proj_combine",
+                  proj_combine_cpu<scalar_t>(*proj_gates, t, p_read, gate_bias->view({K, B, G}), gx));
+      } else {
+        const Tensor w = by_head ? by_head_rows(*proj_gates, t) : (*proj_gates)[t];
+        gx = unit_mm(fused, *gate_bias, p_read.view({K * B, 1, Hi}), w).view({K, B, G});
+      }
       if (lstm) {
         gates = unit_mm(fused, gx, h, whh);
       } else {
@@ -1035,6 +1106,7 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
   at::NoGradGuard no_grad;
   const LoopThreads loop_threads(threads);
   const bool projected = score_weight.has_value();
+  const bool by_head = projected && score_weight->dim() == 5;  // as in rim_forward
   const int64_t K = h_in.size(0), L = h_in.size(1), B = h_in.size(2), H = h_in.size(3);
   const int64_t Hi = keys.size(2), dk = keys.size(3), dv = values.size(3), G = wih.size(2);
   const int64_t dq = projected ? 0 : Hi * dk;  // d_hz holds [queries | recurrent gate inputs], or only the latter
@@ -1178,14 +1250,23 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
     // ---- 1. input attention over one vector ----
     if (projected) {  // through the step-independent projections; their own gradients are formed after the loop
       dh_prev = unit_mm(fused, dh_prev, d_gh.select(1, t), w_h_t);
-      Tensor d_p =
-          at::bmm(d_gx.select(1, t).reshape({K * B, 1, G}), (*proj_gates)[t].transpose(1, 2)).view({K, B, Hi});
+      Tensor d_p;
+      if (by_head && fused) {
+        d_p = at::empty({K, B, Hi}, opt);
+        RIM_FUSED("proj_dot", proj_dot_cpu<scalar_t>(*proj_gates, t, d_gx.select(1, t), Tensor(), d_p));
+      } else {
+        const Tensor w = by_head ? by_head_rows(*proj_gates, t) : (*proj_gates)[t];
+        d_p = at::bmm(d_gx.select(1, t).reshape({K * B, 1, G}), w.transpose(1, 2)).view({K, B, Hi});
+      }
       if (drop_in) d_p = d_p * (*drop_in)[t];
       Tensor d_s = d_s_all.select(1, t);
       at::sigmoid_backward_out(d_s, d_p, p_all[t]);
-      dh_prev = at::baddbmm(dh_prev.view({K * B, 1, H}), d_s.reshape({K * B, 1, Hi}),
-                            (*score_weight)[t].transpose(1, 2))
-                    .view({K, B, H});
+      if (by_head && fused) {  // (dh_prev: a tensor of this step's, above)
+        RIM_FUSED("proj_combine", proj_combine_cpu<scalar_t>(*score_weight, t, d_s, dh_prev, dh_prev));
+      } else {
+        const Tensor w = by_head ? by_head_rows(*score_weight, t) : (*score_weight)[t].transpose(1, 2);
+        dh_prev = at::baddbmm(dh_prev.view({K * B, 1, H}), d_s.reshape({K * B, 1, Hi}), w).view({K, B, H});
+      }
       if (reset_steps[t]) {
         const Tensor k = (*keep)[t];
         dh_prev = dh_prev * k;
