@@ -139,3 +139,30 @@ def test_projected_path_by_head_with_fused_kernels_switched_off_before_the_backw
     assert layouts == [False, True]  # the Python loop's per-step layout, the fused C++ loop's by head
     for python, cpp in zip(*results, strict=True):
         torch.testing.assert_close(cpp, python, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["folded", "projected"])
+def test_fused_loop_gives_the_same_numbers_on_one_thread_and_on_several(native, path, monkeypatch):
+    """The fused kernels and unit_mm split their rows among the intra-op threads at these sizes (a CartPoleNoVel
+    minibatch); each row is computed by one thread as it would be serially, so the outputs and every gradient are
+    bit for bit those of one thread."""
+    monkeypatch.setattr(rims_rl.rim_fast, "NATIVE_LOOP", True)
+    monkeypatch.setattr(rims_rl.rim_fast, "FUSED_KERNELS", True)
+    monkeypatch.setattr(rims_rl.rim_fast, "VECTOR_INPUT_PATH", path)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(threads, 2)):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            rim = RIM(4, num_units=6, unit_size=32, k_active=4, input_key_size=16, comm_key_size=16,
+                      comm_value_size=16, dropout=0.1)  # fmt: skip
+            x = torch.randn(16, 48, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            torch.manual_seed(2)
+            out, (h, c), _ = rim(x)
+            (out.sin().sum() + h.cos().sum() + c.sum()).backward()
+            results.append([out, h, c, x.grad, *(p.grad for p in rim.parameters())])
+    finally:
+        torch.set_num_threads(threads)
+    for one, several in zip(*results, strict=True):
+        assert torch.equal(one, several)
