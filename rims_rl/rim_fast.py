@@ -11,7 +11,8 @@ node with a hand-written backward through time (:class:`_RIMSequence`), which co
 all steps. Attention dropout masks are drawn for the whole sequence before the loop. For a single input vector (the
 reinforcement-learning configurations), the loop and its backward run in C++ (``csrc/rim_loop.cpp``, built on first
 use; see :data:`NATIVE_LOOP`): the same ATen ops in the same order, except on the CPU, where each step's element-wise
-parts run as fused kernels (:data:`FUSED_KERNELS`); the Python loop here is their fallback.
+parts and its small weight products run as kernels of the loop's own (:data:`FUSED_KERNELS`); the Python loop here
+is their fallback.
 :func:`run_together` can run several RIMs' C++ loops at once on two threads (:data:`PARALLEL_LOOPS`).
 
 Layout inside the loop: unit-major, ``(K, B, H)``, so that per-unit weights apply with one ``bmm``.
