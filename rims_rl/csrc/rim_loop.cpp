@@ -659,8 +659,8 @@ void attend_backward_cpu(const Tensor& d_read, const Tensor& values_t, const Ten
 // weights, and reads them at about half the rate a plain loop can: unit_mm streams each weight row once per four
 // rows of the batch, with the sums in registers (32-byte vectors of the compiler's vector extension: AVX where the
 // build has it, two SSE halves otherwise), over the intra-op threads (parallel_ranges, above). Each output is bias +
-// sum over n in order n = 0, 1, ..., one fused multiply-add at a time: not ATen's (MKL's) order, so its values differ
-// from bmm's by rounding (the tests bound the difference, and compare unit_mm with bmm directly).
+// sum over n in order n = 0, 1, ... (a fused multiply-add each, where the build has FMA): not ATen's (MKL's) order,
+// so its values differ from bmm's by rounding (the tests bound the difference, and compare unit_mm with bmm directly).
 #if defined(__GNUC__)
 #define RIM_UNIT_MM 1
 #else
@@ -861,6 +861,8 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
   Tensor c = lstm ? *c_opt : Tensor();
   const bool projected = score_weight.has_value();  // through _VectorProjections (rim_fast.py)
   const bool by_head = projected && score_weight->dim() == 5;  // its layouts (proj_dot_cpu, above)
+  TORCH_CHECK(!by_head || (score_weight->is_contiguous() && proj_gates->is_contiguous() && proj_gates->dim() == 5),
+              "rim_loop: projections by head must be contiguous (Hi, L, B, K, X)");
   merged = !projected && (merged || record);
   Tensor w_h, b_h;
   if (merged) {  // [W_q | W_hh]: a unit's queries and its recurrent gate inputs from one product of its state
@@ -1113,6 +1115,8 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
   const LoopThreads loop_threads(threads);
   const bool projected = score_weight.has_value();
   const bool by_head = projected && score_weight->dim() == 5;  // as in rim_forward
+  TORCH_CHECK(!by_head || (score_weight->is_contiguous() && proj_gates->is_contiguous() && proj_gates->dim() == 5),
+              "rim_loop: projections by head must be contiguous (Hi, L, B, K, X)");
   const int64_t K = h_in.size(0), L = h_in.size(1), B = h_in.size(2), H = h_in.size(3);
   const int64_t Hi = keys.size(2), dk = keys.size(3), dv = values.size(3), G = wih.size(2);
   const int64_t dq = projected ? 0 : Hi * dk;  // d_hz holds [queries | recurrent gate inputs], or only the latter
