@@ -950,9 +950,9 @@ as fast as ATen's ``bmm`` at 2 samples. Same formulas, so the same values up to 
 ``std::exp`` in the input attention's sigmoids and a vectorised Cephes exp in the softmax among units and the LSTM
 cell's and residual's activations, against ATen's vectorised ones); the tests bound the difference. Opt-in (the
 environment variable ``RIMS_RL_FUSED=1`` makes the default True, for the ``rims-rl`` command). PPO follows the
-different rounding to a different run of the same seed, and across seeds showed no harm (BabyAI, RIM, seeds 0-5:
-4 of 6 reach 0.5 success within 250k steps either way, measured before ``unit_mm``; README, "The C++ loop"), but the
-default keeps the ATen operators' numbers, with which every documented result and learning test was made. Other
+different rounding to a different run of the same seed, and across seeds shows no harm (BabyAI, RIM, seeds 0-5:
+4 of 6 reach 0.5 success within 250k steps either way, for each version of the kernels; README, "The C++ loop"), but
+the default keeps the ATen operators' numbers, with which every documented result and learning test was made. Other
 devices always take the ATen operators (each one kernel launch on a GPU), as does the CPU while this is False."""
 
 _native_state: dict[str, Any] = {}
