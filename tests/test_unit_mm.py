@@ -40,10 +40,11 @@ def reference(b, a, w):
     return torch.bmm(a64, w64) if b is None else torch.baddbmm(b.double(), a64, w64)
 
 
-# every column path (two 32-byte vectors, one, a 16-byte one, single numbers) and row block (4, 2, 1), in shapes
-# small enough to run on one thread and large enough to be split among threads; and the loop's own shapes
+# every column path (two 32-byte vectors, one, a 16-byte one, single numbers) and row block (8 with AVX-512, 4, 2, 1;
+# a last block of 3 or 5-7 rows filled up), in shapes small enough to run on one thread and large enough to be split
+# among threads; and the loop's own shapes
 SHAPES = [(3, 1, 5, 1), (2, 3, 7, 3), (2, 5, 9, 13), (3, 7, 17, 37), (6, 2, 100, 400), (6, 9, 64, 100),
-          (12, 1, 100, 4), (12, 1, 4, 400), (6, 16, 33, 129)]  # fmt: skip
+          (12, 1, 100, 4), (12, 1, 4, 400), (6, 16, 33, 129), (2, 6, 11, 24), (3, 13, 17, 40)]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -76,6 +77,28 @@ def test_unit_mm_runs_its_own_kernel_on_several_threads_with_the_same_numbers(na
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, several)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("bias", [None, "row", "full"], ids=["no-bias", "bias-row", "bias-full"])
+@pytest.mark.parametrize(
+    "shape", [(6, 8, 100, 400), (3, 13, 17, 40), (4, 5, 9, 13)], ids=lambda s: "x".join(map(str, s))
+)
+def test_unit_mm_computes_the_marked_rows_with_the_same_numbers(native, shape, bias, dtype):
+    """With ``rows`` (the loop's active units, bool or 1.0 / 0.0), the marked rows are exactly those of the product of
+    all rows (each row's sums do not depend on the rows computed with it), and the others are the bias, or zero."""
+    b, a, w = operands(*shape, bias, dtype, strided=True)
+    full = native.unit_mm(b, a, w)
+    K, M = shape[:2]
+    g = torch.Generator().manual_seed(3)
+    masks = [torch.rand(K, M, generator=g) < p for p in (0.2, 0.5, 0.7, 0.9)]
+    masks += [torch.zeros(K, M, dtype=torch.bool), torch.ones(K, M, dtype=torch.bool)]
+    for mask in masks:
+        for rows in (mask, mask.to(dtype)):
+            got = native.unit_mm(b, a, w, rows=rows)
+            assert torch.equal(got[mask], full[mask])
+            left = torch.zeros_like(full) if b is None else b.expand_as(full)
+            assert torch.equal(got[~mask], left[~mask])
 
 
 def test_unit_mm_leaves_other_products_to_aten(native):

@@ -686,41 +686,65 @@ inline void store_v(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// MB rows by NV vectors V (or scalars) of out = bias + a w, from column p0: the sums stay in registers while the
-// weight rows stream past
+// MB rows (rows[0..MB), of a and out) by NV vectors V (or scalars) of out = bias + a w, from column p0: the sums
+// stay in registers while the weight rows stream past. Each row's sums are the same whatever block it is in.
 template <typename T, typename V, int MB, int NV>
-inline void unit_mm_block(const T* a, int64_t sam, int64_t san, const T* w, int64_t N, int64_t P, T* out,
-                          const T* bias, int64_t sbm, int64_t p0) {
+inline void unit_mm_block(const T* a, const int64_t* rows, int64_t sam, int64_t san, const T* w, int64_t N, int64_t P,
+                          T* out, const T* bias, int64_t sbm, int64_t p0) {
   constexpr int lanes = sizeof(V) / sizeof(T);
+  const T* ar[MB];
   V acc[MB][NV];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NV; ++j) acc[m][j] = bias ? load_v<V>(bias + m * sbm + p0 + lanes * j) : V{};
+  for (int m = 0; m < MB; ++m) {
+    ar[m] = a + rows[m] * sam;
+    for (int j = 0; j < NV; ++j) acc[m][j] = bias ? load_v<V>(bias + rows[m] * sbm + p0 + lanes * j) : V{};
+  }
   for (int64_t n = 0; n < N; ++n) {
     V wv[NV];
     for (int j = 0; j < NV; ++j) wv[j] = load_v<V>(w + n * P + p0 + lanes * j);
     for (int m = 0; m < MB; ++m) {
-      const T x = a[m * sam + n * san];
+      const T x = ar[m][n * san];
       for (int j = 0; j < NV; ++j) acc[m][j] += x * wv[j];
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NV; ++j) store_v(out + m * P + p0 + lanes * j, acc[m][j]);
+    for (int j = 0; j < NV; ++j) store_v(out + rows[m] * P + p0 + lanes * j, acc[m][j]);
 }
+
+// Rows in blocks of kRowBlock (8 where AVX-512's 32 vector registers hold the 8 x 2 sums, else 4), then of 4, 2, 1.
+// The weights stream past once per block, and a block costs about as much as the weights' stream, whatever its
+// rows: so a last block of 3 rows, or of 5 to 7, is filled up with its last row again (the same sums, computed and
+// stored twice) rather than split into blocks of 4, 2 and 1.
+#if defined(__AVX512VL__)
+constexpr int kRowBlock = 8;
+#else
+constexpr int kRowBlock = 4;
+#endif
 
 template <typename T, typename V, int NV>
-inline void unit_mm_rows(const T* a, int64_t sam, int64_t san, const T* w, int64_t M, int64_t N, int64_t P, T* out,
-                         const T* bias, int64_t sbm, int64_t p0) {
+inline void unit_mm_rows(const T* a, const int64_t* rows, int64_t M, int64_t sam, int64_t san, const T* w, int64_t N,
+                         int64_t P, T* out, const T* bias, int64_t sbm, int64_t p0) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4)
-    unit_mm_block<T, V, 4, NV>(a + m * sam, sam, san, w, N, P, out + m * P, bias ? bias + m * sbm : nullptr, sbm, p0);
-  for (; m + 2 <= M; m += 2)
-    unit_mm_block<T, V, 2, NV>(a + m * sam, sam, san, w, N, P, out + m * P, bias ? bias + m * sbm : nullptr, sbm, p0);
-  for (; m < M; ++m)
-    unit_mm_block<T, V, 1, NV>(a + m * sam, sam, san, w, N, P, out + m * P, bias ? bias + m * sbm : nullptr, sbm, p0);
+  for (; m + kRowBlock <= M; m += kRowBlock)
+    unit_mm_block<T, V, kRowBlock, NV>(a, rows + m, sam, san, w, N, P, out, bias, sbm, p0);
+  const int64_t r = M - m;
+  if (r == 0) return;
+  int64_t padded[kRowBlock];
+  for (int i = 0; i < kRowBlock; ++i) padded[i] = rows[m + std::min<int64_t>(i, r - 1)];
+  if (r > 4) {  // (kRowBlock 8 only)
+    unit_mm_block<T, V, kRowBlock, NV>(a, padded, sam, san, w, N, P, out, bias, sbm, p0);
+  } else if (r >= 3) {
+    unit_mm_block<T, V, 4, NV>(a, padded, sam, san, w, N, P, out, bias, sbm, p0);
+  } else if (r == 2) {
+    unit_mm_block<T, V, 2, NV>(a, padded, sam, san, w, N, P, out, bias, sbm, p0);
+  } else {
+    unit_mm_block<T, V, 1, NV>(a, padded, sam, san, w, N, P, out, bias, sbm, p0);
+  }
 }
 
+// `rows` (K, M) bool or T, where given: the rows to compute (true or non-zero; the active units' samples); the
+// others are the bias (or zero) without the product
 template <typename T>
-void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Tensor& out) {
+void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Tensor& out, const Tensor& rows) {
   using wide = typename Lanes<T>::wide;
   using half = typename Lanes<T>::half;
   constexpr int64_t lanes = sizeof(wide) / sizeof(T), block = 2 * lanes;
@@ -731,6 +755,18 @@ void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Ten
   const T* Bs = bias.defined() ? bias.data_ptr<T>() : nullptr;
   const int64_t sak = a.stride(0), sam = a.stride(1), san = a.stride(2);
   const int64_t sbk = Bs && bias.size(0) > 1 ? bias.stride(0) : 0, sbm = Bs && bias.size(1) > 1 ? bias.stride(1) : 0;
+  const bool* rb = rows.defined() && rows.scalar_type() == at::kBool ? rows.data_ptr<bool>() : nullptr;
+  const T* rt = rows.defined() && !rb ? rows.data_ptr<T>() : nullptr;
+  // unit k's rows to compute, on[k * M ...] (n_on[k] of them), and the others, off[k * M ...]
+  std::vector<int64_t> on(K * M), off(K * M), n_on(K, M);
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t i = 0, j = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      const bool use = rb ? rb[k * M + m] : (rt ? rt[k * M + m] != T(0) : true);
+      (use ? on[k * M + i++] : off[k * M + j++]) = m;
+    }
+    n_on[k] = i;
+  }
   const int64_t blocks = (P + block - 1) / block;  // work items: (unit, block of columns)
   parallel_ranges(K * blocks, K * M * N * P >= 32768, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -739,11 +775,23 @@ void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Ten
       const T* wk = W + k * N * P;
       T* ok = O + k * M * P;
       const T* bk = Bs ? Bs + k * sbk : nullptr;
+      const int64_t* rk = on.data() + k * M;
+      const int64_t Mk = n_on[k];
       int64_t p = p0;
-      if (p + block <= p1) unit_mm_rows<T, wide, 2>(ak, sam, san, wk, M, N, P, ok, bk, sbm, p), p += block;
-      if (p + lanes <= p1) unit_mm_rows<T, wide, 1>(ak, sam, san, wk, M, N, P, ok, bk, sbm, p), p += lanes;
-      if (p + lanes / 2 <= p1) unit_mm_rows<T, half, 1>(ak, sam, san, wk, M, N, P, ok, bk, sbm, p), p += lanes / 2;
-      for (; p < p1; ++p) unit_mm_rows<T, T, 1>(ak, sam, san, wk, M, N, P, ok, bk, sbm, p);
+      const int64_t halfl = lanes / 2;
+      if (p + block <= p1) unit_mm_rows<T, wide, 2>(ak, rk, Mk, sam, san, wk, N, P, ok, bk, sbm, p), p += block;
+      if (p + lanes <= p1) unit_mm_rows<T, wide, 1>(ak, rk, Mk, sam, san, wk, N, P, ok, bk, sbm, p), p += lanes;
+      if (p + halfl <= p1) unit_mm_rows<T, half, 1>(ak, rk, Mk, sam, san, wk, N, P, ok, bk, sbm, p), p += halfl;
+      for (; p < p1; ++p) unit_mm_rows<T, T, 1>(ak, rk, Mk, sam, san, wk, N, P, ok, bk, sbm, p);
+      for (int64_t i = 0; i < M - Mk; ++i) {  // the rows left out: the bias
+        const int64_t m = off[k * M + i];
+        T* o = ok + m * P;
+        if (bk) {
+          std::copy(bk + m * sbm + p0, bk + m * sbm + p1, o + p0);
+        } else {
+          std::fill(o + p0, o + p1, T(0));
+        }
+      }
     }
   });
 }
@@ -754,7 +802,14 @@ void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Ten
 // product is one it does faster (measured on 2 cores: 0.45-0.65x bmm's time with 2 rows, 0.7-0.8x with 8 and 16, and
 // CartPoleNoVel's small weights 0.9x with 53 rows; with 32 to 64 rows and the paper's weights 0.9-1.1x: left to
 // bmm); otherwise ATen's baddbmm / bmm.
-Tensor unit_mm(bool fused, const Tensor& bias, const Tensor& a, const Tensor& w, Tensor out = Tensor()) {
+// `rows` (K, M) (bool, or the dtype's 1.0 / 0.0), where given, marks the rows whose products are used: the active
+// units' samples. The loop passes it for the gates and the residual's pre-activations, which the inactive units
+// (their state kept) do not read, and for the gradients through them, whose inactive rows are zero, so that the
+// product there is zero too. unit_mm_cpu computes only the marked rows and gives the others the bias (or zero): the
+// same outputs and gradients, bit for bit (tested), for about (rows left out) / M less work where that empties a
+// block of rows (kRowBlock, above). bmm computes them all.
+Tensor unit_mm(bool fused, const Tensor& bias, const Tensor& a, const Tensor& w, Tensor out = Tensor(),
+               const Tensor& rows = Tensor()) {
   const int64_t M = a.size(1), NP = w.size(1) * w.size(2);
   const bool own = RIM_UNIT_MM && fused && (M <= 16 || NP <= 16384) && w.is_contiguous() &&
                    (!out.defined() || out.is_contiguous()) &&
@@ -767,7 +822,7 @@ Tensor unit_mm(bool fused, const Tensor& bias, const Tensor& a, const Tensor& w,
 #if RIM_UNIT_MM
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "unit_mm", [&] {
     RECORD_FUNCTION("rims_rl::unit_mm", std::vector<c10::IValue>({a, w}));  // (shapes for the profiler)
-    unit_mm_cpu<scalar_t>(bias, a, w, out);
+    unit_mm_cpu<scalar_t>(bias, a, w, out, rows.defined() ? rows.contiguous() : rows);
   });
 #endif
   return out;
@@ -972,26 +1027,6 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
         read = (p_read.unsqueeze(-1) * values[t]).view({K, B, Hi * dv});
       }
     }
-    if (projected) {
-      if (by_head && fused) {
-        gx = at::empty({K, B, G}, opt);
-        RIM_FUSED("proj_combine",
-                  proj_combine_cpu<scalar_t>(*proj_gates, t, p_read, gate_bias->view({K, B, G}), gx));
-      } else {
-        const Tensor w = by_head ? by_head_rows(*proj_gates, t) : (*proj_gates)[t];
-        gx = unit_mm(fused, *gate_bias, p_read.view({K * B, 1, Hi}), w).view({K, B, G});
-      }
-      if (lstm) {
-        gates = unit_mm(fused, gx, h, whh);
-      } else {
-        gh = unit_mm(fused, *bhh, h, whh);
-      }
-    } else if (lstm) {
-      gates = merged ? unit_mm(fused, gh, read, wih) : unit_mm(fused, unit_mm(fused, bih, read, wih), h, whh);
-    } else {
-      gx = unit_mm(fused, bih, read, wih);
-      if (!merged) gh = unit_mm(fused, *bhh, h, whh);
-    }
     Tensor active = masks[t];  // (K, B) bool: the k_A units with the least attention on the null element
     if (fused) {
       RIM_FUSED("select", select_cpu<scalar_t>(on_input, odds, k_active, active,
@@ -1008,6 +1043,29 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
       }
       active.copy_(chosen);
       if (record) mf_all[t].copy_(active.unsqueeze(-1));
+    }
+
+    // The gates' products: with the fused kernels, for the active units' rows only (unit_mm's `rows`)
+    if (projected) {
+      if (by_head && fused) {
+        gx = at::empty({K, B, G}, opt);
+        RIM_FUSED("proj_combine",
+                  proj_combine_cpu<scalar_t>(*proj_gates, t, p_read, gate_bias->view({K, B, G}), gx));
+      } else {
+        const Tensor w = by_head ? by_head_rows(*proj_gates, t) : (*proj_gates)[t];
+        gx = unit_mm(fused, *gate_bias, p_read.view({K * B, 1, Hi}), w).view({K, B, G});
+      }
+      if (lstm) {
+        gates = unit_mm(fused, gx, h, whh, Tensor(), active);
+      } else {
+        gh = unit_mm(fused, *bhh, h, whh, Tensor(), active);
+      }
+    } else if (lstm) {
+      gates = merged ? unit_mm(fused, gh, read, wih, Tensor(), active)
+                     : unit_mm(fused, unit_mm(fused, bih, read, wih, Tensor(), active), h, whh, Tensor(), active);
+    } else {
+      gx = unit_mm(fused, bih, read, wih, Tensor(), active);
+      if (!merged) gh = unit_mm(fused, *bhh, h, whh, Tensor(), active);
     }
     const Tensor m = active.unsqueeze(-1);
 
@@ -1071,7 +1129,7 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
         Tensor rc4 = at::bmm(ac_read, v2).view({B, Hc, K, cv}).permute({2, 0, 1, 3});
         rc.view({K, B, Hc, cv}).copy_(rc4);
       }
-      Tensor pre = unit_mm(fused, *bout, rc, *wout);
+      Tensor pre = unit_mm(fused, *bout, rc, *wout, Tensor(), active);  // (used by the active units only)
       Tensor ug = record ? ug_all[t] : (fused ? ug_buf : at::empty({K, B, 2 * H}, opt));
       Tensor out_t = outputs[t];
       if (fused) {
@@ -1161,6 +1219,8 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
 
   for (int64_t t = L - 1; t >= 0; --t) {
     const Tensor mf = mf_all[t];  // (K, B, 1), 1.0 for the active units
+    // the rows of the gradients through the gates and the residual that are not zero (unit_mm's `rows`)
+    const Tensor active = fused ? mf.view({K, B}) : Tensor();
     Tensor dh1;
     if (fused) {
       // ---- 4. communication ----
@@ -1173,7 +1233,7 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
       }
       dh1 = dh_acc;
       if (communication) {
-        const Tensor d_rc = unit_mm(fused, Tensor(), d_pre_all.select(1, t), wout_t);  // (K, B, Hc*cv)
+        const Tensor d_rc = unit_mm(fused, Tensor(), d_pre_all.select(1, t), wout_t, Tensor(), active);
         Tensor d_qkv = d_qkv_all.select(1, t);
         RIM_FUSED("comm_attend_backward",
                   comm_attend_backward_cpu<scalar_t>(d_rc, qkv_all[t], ac_all[t], drop_c ? drop_c_all[t] : Tensor(),
@@ -1259,7 +1319,7 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
 
     // ---- 1. input attention over one vector ----
     if (projected) {  // through the step-independent projections; their own gradients are formed after the loop
-      dh_prev = unit_mm(fused, dh_prev, d_gh.select(1, t), w_h_t);
+      dh_prev = unit_mm(fused, dh_prev, d_gh.select(1, t), w_h_t, Tensor(), active);
       Tensor d_p;
       if (by_head && fused) {
         d_p = at::empty({K, B, Hi}, opt);
@@ -1286,7 +1346,7 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
       continue;
     }
     Tensor d_read = d_read_all[t];  // (K, B, Hi*dv)
-    unit_mm(fused, Tensor(), d_gx.select(1, t), wih_t, d_read);
+    unit_mm(fused, Tensor(), d_gx.select(1, t), wih_t, d_read, active);
     Tensor d_s = d_s_all.select(1, t);
     if (fused) {
       RIM_FUSED("attend_backward",
@@ -1327,9 +1387,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def(
       "unit_mm",
-      [](const std::optional<Tensor>& bias, const Tensor& a, const Tensor& w) {
-        return unit_mm(true, bias ? *bias : Tensor(), a, w);
+      [](const std::optional<Tensor>& bias, const Tensor& a, const Tensor& w, const std::optional<Tensor>& rows) {
+        return unit_mm(true, bias ? *bias : Tensor(), a, w, Tensor(), rows ? *rows : Tensor());
       },
-      "bias + a @ w per unit as the fused loop computes it, on the CPU (for the tests)",
+      "bias + a @ w per unit as the fused loop computes it, on the CPU, for the rows marked in `rows` (K, M) where "
+      "given (for the tests)",
+      pybind11::arg("bias"), pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("rows") = pybind11::none(),
       pybind11::call_guard<pybind11::gil_scoped_release>());
 }
