@@ -946,14 +946,16 @@ arithmetic, the communication attention among units, the gated residual) and the
 plain loop each (``csrc/rim_loop.cpp``), rather than as ATen operators: per step of a sequence, ~9 kernels forward
 and ~8 backward instead of ~44 and ~40 (``scripts/benchmark_core.py``); and the per-step weight products with few
 rows (up to 16 samples, or small weights) in a product of its own (``unit_mm``), which reads the weights about twice
-as fast as ATen's ``bmm`` at 2 samples. Same formulas, so the same values up to rounding (sums in another order;
-``std::exp`` in the input attention's sigmoids and a vectorised Cephes exp in the softmax among units and the LSTM
-cell's and residual's activations, against ATen's vectorised ones); the tests bound the difference. Opt-in (the
-environment variable ``RIMS_RL_FUSED=1`` makes the default True, for the ``rims-rl`` command). PPO follows the
-different rounding to a different run of the same seed, and across seeds shows no harm (BabyAI, RIM, seeds 0-5:
-4 of 6 reach 0.5 success within 250k steps either way, for each version of the kernels; README, "The C++ loop"), but
-the default keeps the ATen operators' numbers, with which every documented result and learning test was made. Other
-devices always take the ATen operators (each one kernel launch on a GPU), as does the CPU while this is False."""
+as fast as ATen's ``bmm`` at 2 samples, and for the gates, the residual and their gradients computes only the active
+units' rows (the inactive units' are never read, or zero: the same numbers, bit for bit). Same formulas, so the same
+values up to rounding (sums in another order; ``std::exp`` in the input attention's sigmoids and a vectorised Cephes
+exp in the softmax among units and the LSTM cell's and residual's activations, against ATen's vectorised ones); the
+tests bound the difference. Opt-in (the environment variable ``RIMS_RL_FUSED=1`` makes the default True, for the
+``rims-rl`` command). PPO follows the different rounding to a different run of the same seed, and across seeds shows
+no harm (BabyAI, RIM, seeds 0-5: 4 of 6 reach 0.5 success within 250k steps either way, for each version of the
+kernels; README, "The C++ loop"), but the default keeps the ATen operators' numbers, with which every documented
+result and learning test was made. Other devices always take the ATen operators (each one kernel launch on a GPU), as
+does the CPU while this is False."""
 
 _native_state: dict[str, Any] = {}
 

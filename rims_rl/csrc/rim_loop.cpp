@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 using at::Tensor;
@@ -655,12 +656,13 @@ void attend_backward_cpu(const Tensor& d_read, const Tensor& values_t, const Ten
 
 // ---- The per-step weight products, fused path ----
 // Each step multiplies a few rows per unit (the batch: 2 sequences in an Atari PPO minibatch, 8 environments in a
-// rollout) by that unit's weights, (K, M, N) x (K, N, P) with M small. ATen's bmm is then bound by reading the
-// weights, and reads them at about half the rate a plain loop can: unit_mm streams each weight row once per four
-// rows of the batch, with the sums in registers (32-byte vectors of the compiler's vector extension: AVX where the
-// build has it, two SSE halves otherwise), over the intra-op threads (parallel_ranges, above). Each output is bias +
-// sum over n in order n = 0, 1, ... (a fused multiply-add each, where the build has FMA): not ATen's (MKL's) order,
-// so its values differ from bmm's by rounding (the tests bound the difference, and compare unit_mm with bmm directly).
+// rollout) by that unit's weights, (K, M, N) x (K, N, P) with M small. ATen's bmm is then bound by reading the weights,
+// and reads them at about half the rate a plain loop can: unit_mm streams each weight row once per block of rows of the
+// batch (8 rows, or 4 without AVX-512's registers: kRowBlock, below), with the sums in registers (32-byte vectors of
+// the compiler's vector extension: AVX where the build has it, two SSE halves otherwise), over the intra-op threads
+// (parallel_ranges, above). Each output is bias + sum over n in order n = 0, 1, ... (a fused multiply-add each, where
+// the build has FMA): not ATen's (MKL's) order, so its values differ from bmm's by rounding (the tests bound the
+// difference, and compare unit_mm with bmm directly).
 #if defined(__GNUC__)
 #define RIM_UNIT_MM 1
 #else
@@ -686,34 +688,40 @@ inline void store_v(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// MB rows (rows[0..MB), of a and out) by NV vectors V (or scalars) of out = bias + a w, from column p0: the sums
-// stay in registers while the weight rows stream past. Each row's sums are the same whatever block it is in.
-template <typename T, typename V, int MB, int NV>
-inline void unit_mm_block(const T* a, const int64_t* rows, int64_t sam, int64_t san, const T* w, int64_t N, int64_t P,
-                          T* out, const T* bias, int64_t sbm, int64_t p0) {
+// MB rows of out = bias + a w by NV vectors V (or scalars), from column p0: the sums stay in registers while the
+// weight rows stream past. The rows are m0, m0 + 1, ..., or with Listed the rows rows[0..MB). Each row's sums are
+// the same whatever block it is in.
+template <typename T, typename V, int MB, int NV, bool Listed>
+inline void unit_mm_block(const T* a, const int64_t* rows, int64_t m0, int64_t sam, int64_t san, const T* w, int64_t N,
+                          int64_t P, T* out, const T* bias, int64_t sbm, int64_t p0) {
   constexpr int lanes = sizeof(V) / sizeof(T);
-  const T* ar[MB];
+  const auto row = [&](int m) -> int64_t {
+    if constexpr (Listed) {
+      return rows[m];
+    } else {
+      return m0 + m;
+    }
+  };
   V acc[MB][NV];
-  for (int m = 0; m < MB; ++m) {
-    ar[m] = a + rows[m] * sam;
-    for (int j = 0; j < NV; ++j) acc[m][j] = bias ? load_v<V>(bias + rows[m] * sbm + p0 + lanes * j) : V{};
-  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NV; ++j) acc[m][j] = bias ? load_v<V>(bias + row(m) * sbm + p0 + lanes * j) : V{};
   for (int64_t n = 0; n < N; ++n) {
     V wv[NV];
     for (int j = 0; j < NV; ++j) wv[j] = load_v<V>(w + n * P + p0 + lanes * j);
     for (int m = 0; m < MB; ++m) {
-      const T x = ar[m][n * san];
+      const T x = a[row(m) * sam + n * san];
       for (int j = 0; j < NV; ++j) acc[m][j] += x * wv[j];
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NV; ++j) store_v(out + rows[m] * P + p0 + lanes * j, acc[m][j]);
+    for (int j = 0; j < NV; ++j) store_v(out + row(m) * P + p0 + lanes * j, acc[m][j]);
 }
 
 // Rows in blocks of kRowBlock (8 where AVX-512's 32 vector registers hold the 8 x 2 sums, else 4), then of 4, 2, 1.
 // The weights stream past once per block, and a block costs about as much as the weights' stream, whatever its
 // rows: so a last block of 3 rows, or of 5 to 7, is filled up with its last row again (the same sums, computed and
-// stored twice) rather than split into blocks of 4, 2 and 1.
+// stored twice) rather than split into blocks of 4, 2 and 1. The rows are 0 .. M-1, or rows[0 .. M) where given
+// (the marked rows of unit_mm_cpu).
 #if defined(__AVX512VL__)
 constexpr int kRowBlock = 8;
 #else
@@ -724,20 +732,38 @@ template <typename T, typename V, int NV>
 inline void unit_mm_rows(const T* a, const int64_t* rows, int64_t M, int64_t sam, int64_t san, const T* w, int64_t N,
                          int64_t P, T* out, const T* bias, int64_t sbm, int64_t p0) {
   int64_t m = 0;
-  for (; m + kRowBlock <= M; m += kRowBlock)
-    unit_mm_block<T, V, kRowBlock, NV>(a, rows + m, sam, san, w, N, P, out, bias, sbm, p0);
+  for (; m + kRowBlock <= M; m += kRowBlock) {
+    if (rows) {
+      unit_mm_block<T, V, kRowBlock, NV, true>(a, rows + m, 0, sam, san, w, N, P, out, bias, sbm, p0);
+    } else {
+      unit_mm_block<T, V, kRowBlock, NV, false>(a, nullptr, m, sam, san, w, N, P, out, bias, sbm, p0);
+    }
+  }
   const int64_t r = M - m;
   if (r == 0) return;
-  int64_t padded[kRowBlock];
-  for (int i = 0; i < kRowBlock; ++i) padded[i] = rows[m + std::min<int64_t>(i, r - 1)];
+  if (r == 1 || r == 2 || r == 4) {  // a block of its own size
+    const auto block = [&](auto size) {
+      constexpr int MB = decltype(size)::value;
+      if (rows) {
+        unit_mm_block<T, V, MB, NV, true>(a, rows + m, 0, sam, san, w, N, P, out, bias, sbm, p0);
+      } else {
+        unit_mm_block<T, V, MB, NV, false>(a, nullptr, m, sam, san, w, N, P, out, bias, sbm, p0);
+      }
+    };
+    if (r == 1) block(std::integral_constant<int, 1>{});
+    if (r == 2) block(std::integral_constant<int, 2>{});
+    if (r == 4) block(std::integral_constant<int, 4>{});
+    return;
+  }
+  int64_t padded[kRowBlock];  // 3, or 5 to 7: filled up with the last row
+  for (int i = 0; i < kRowBlock; ++i) {
+    const int64_t k = m + std::min<int64_t>(i, r - 1);
+    padded[i] = rows ? rows[k] : k;
+  }
   if (r > 4) {  // (kRowBlock 8 only)
-    unit_mm_block<T, V, kRowBlock, NV>(a, padded, sam, san, w, N, P, out, bias, sbm, p0);
-  } else if (r >= 3) {
-    unit_mm_block<T, V, 4, NV>(a, padded, sam, san, w, N, P, out, bias, sbm, p0);
-  } else if (r == 2) {
-    unit_mm_block<T, V, 2, NV>(a, padded, sam, san, w, N, P, out, bias, sbm, p0);
+    unit_mm_block<T, V, kRowBlock, NV, true>(a, padded, 0, sam, san, w, N, P, out, bias, sbm, p0);
   } else {
-    unit_mm_block<T, V, 1, NV>(a, padded, sam, san, w, N, P, out, bias, sbm, p0);
+    unit_mm_block<T, V, 4, NV, true>(a, padded, 0, sam, san, w, N, P, out, bias, sbm, p0);
   }
 }
 
@@ -757,15 +783,20 @@ void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Ten
   const int64_t sbk = Bs && bias.size(0) > 1 ? bias.stride(0) : 0, sbm = Bs && bias.size(1) > 1 ? bias.stride(1) : 0;
   const bool* rb = rows.defined() && rows.scalar_type() == at::kBool ? rows.data_ptr<bool>() : nullptr;
   const T* rt = rows.defined() && !rb ? rows.data_ptr<T>() : nullptr;
-  // unit k's rows to compute, on[k * M ...] (n_on[k] of them), and the others, off[k * M ...]
-  std::vector<int64_t> on(K * M), off(K * M), n_on(K, M);
-  for (int64_t k = 0; k < K; ++k) {
-    int64_t i = 0, j = 0;
-    for (int64_t m = 0; m < M; ++m) {
-      const bool use = rb ? rb[k * M + m] : (rt ? rt[k * M + m] != T(0) : true);
-      (use ? on[k * M + i++] : off[k * M + j++]) = m;
+  // with `rows`: unit k's rows to compute, on[k * M ...] (n_on[k] of them), and the others, off[k * M ...]
+  std::vector<int64_t> on, off, n_on;
+  if (rows.defined()) {
+    on.resize(K * M);
+    off.resize(K * M);
+    n_on.resize(K);
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t i = 0, j = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        const bool use = rb ? rb[k * M + m] : rt[k * M + m] != T(0);
+        (use ? on[k * M + i++] : off[k * M + j++]) = m;
+      }
+      n_on[k] = i;
     }
-    n_on[k] = i;
   }
   const int64_t blocks = (P + block - 1) / block;  // work items: (unit, block of columns)
   parallel_ranges(K * blocks, K * M * N * P >= 32768, [&](int64_t begin, int64_t end) {
@@ -775,8 +806,8 @@ void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Ten
       const T* wk = W + k * N * P;
       T* ok = O + k * M * P;
       const T* bk = Bs ? Bs + k * sbk : nullptr;
-      const int64_t* rk = on.data() + k * M;
-      const int64_t Mk = n_on[k];
+      const int64_t Mk = rows.defined() ? n_on[k] : M;
+      const int64_t* rk = Mk < M ? on.data() + k * M : nullptr;  // (all rows: 0 .. M-1)
       int64_t p = p0;
       const int64_t halfl = lanes / 2;
       if (p + block <= p1) unit_mm_rows<T, wide, 2>(ak, rk, Mk, sam, san, wk, N, P, ok, bk, sbm, p), p += block;
@@ -799,9 +830,10 @@ void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Ten
 
 // bias + a w, or a w without a bias, per unit: (K, M, N) x (K, N, P) (+ (K or 1, M or 1, P)), into `out` where given.
 // With `fused` (the CPU, float or double), unit_mm_cpu where the weights' rows and the output are contiguous and the
-// product is one it does faster (measured on 2 cores: 0.45-0.65x bmm's time with 2 rows, 0.7-0.8x with 8 and 16, and
-// CartPoleNoVel's small weights 0.9x with 53 rows; with 32 to 64 rows and the paper's weights 0.9-1.1x: left to
-// bmm); otherwise ATen's baddbmm / bmm.
+// product is one it does faster (measured on 2 cores with blocks of 4 rows: 0.45-0.65x bmm's time with 2 rows,
+// 0.7-0.8x with 8 and 16, and CartPoleNoVel's small weights 0.9x with 53 rows; with 32 to 64 rows and the paper's
+// weights 0.9-1.1x: left to bmm; blocks of 8 then took 0.84-0.89x the time of blocks of 4 at 8 to 16 rows of the
+// paper's input-to-gate weights); otherwise ATen's baddbmm / bmm.
 // `rows` (K, M) (bool, or the dtype's 1.0 / 0.0), where given, marks the rows whose products are used: the active
 // units' samples. The loop passes it for the gates and the residual's pre-activations, which the inactive units
 // (their state kept) do not read, and for the gradients through them, whose inactive rows are zero, so that the
