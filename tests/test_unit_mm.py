@@ -101,6 +101,17 @@ def test_unit_mm_computes_the_marked_rows_with_the_same_numbers(native, shape, b
             assert torch.equal(got[~mask], left[~mask])
 
 
+def test_unit_mm_refuses_rows_of_another_shape_or_type(native):
+    b, a, w = operands(2, 3, 5, 7, None, torch.float32, strided=False)
+    for rows in (
+        torch.ones(2, 4, dtype=torch.bool),
+        torch.ones(3, dtype=torch.bool),
+        torch.ones(2, 3, dtype=torch.int64),
+    ):
+        with pytest.raises(RuntimeError, match="rows must be"):
+            native.unit_mm(b, a, w, rows=rows)
+
+
 def test_unit_mm_leaves_other_products_to_aten(native):
     """Many rows of large weights (where bmm is as fast) and weights that are not contiguous go to ATen's bmm, with
     its numbers exactly."""

@@ -832,17 +832,20 @@ void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Ten
 // With `fused` (the CPU, float or double), unit_mm_cpu where the weights' rows and the output are contiguous and the
 // product is one it does faster (measured on 2 cores with blocks of 4 rows: 0.45-0.65x bmm's time with 2 rows,
 // 0.7-0.8x with 8 and 16, and CartPoleNoVel's small weights 0.9x with 53 rows; with 32 to 64 rows and the paper's
-// weights 0.9-1.1x: left to bmm; blocks of 8 then took 0.84-0.89x the time of blocks of 4 at 8 to 16 rows of the
-// paper's input-to-gate weights); otherwise ATen's baddbmm / bmm.
+// weights 0.9-1.1x: left to bmm; blocks of 8 then took 0.84-0.93x the time of blocks of 4 at 8 to 16 rows of the
+// paper's input-to-gate weights, 0.82-0.92x at 53 rows of CartPoleNoVel's); otherwise ATen's baddbmm / bmm.
 // `rows` (K, M) (bool, or the dtype's 1.0 / 0.0), where given, marks the rows whose products are used: the active
 // units' samples. The loop passes it for the gates and the residual's pre-activations, which the inactive units
 // (their state kept) do not read, and for the gradients through them, whose inactive rows are zero, so that the
 // product there is zero too. unit_mm_cpu computes only the marked rows and gives the others the bias (or zero): the
-// same outputs and gradients, bit for bit (tested), for about (rows left out) / M less work where that empties a
-// block of rows (kRowBlock, above). bmm computes them all.
+// same outputs and gradients, bit for bit (tested), and less work where that leaves fewer or smaller blocks of rows
+// (kRowBlock, above). bmm computes them all.
 Tensor unit_mm(bool fused, const Tensor& bias, const Tensor& a, const Tensor& w, Tensor out = Tensor(),
                const Tensor& rows = Tensor()) {
   const int64_t M = a.size(1), NP = w.size(1) * w.size(2);
+  TORCH_CHECK(!rows.defined() || (rows.dim() == 2 && rows.size(0) == a.size(0) && rows.size(1) == M &&
+                                  (rows.scalar_type() == at::kBool || rows.scalar_type() == a.scalar_type())),
+              "unit_mm: rows must be (K, M), bool or the operands' dtype");
   const bool own = RIM_UNIT_MM && fused && (M <= 16 || NP <= 16384) && w.is_contiguous() &&
                    (!out.defined() || out.is_contiguous()) &&
                    (!bias.defined() || (bias.dim() == 3 && bias.stride(2) == 1));
