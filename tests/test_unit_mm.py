@@ -40,11 +40,13 @@ def reference(b, a, w):
     return torch.bmm(a64, w64) if b is None else torch.baddbmm(b.double(), a64, w64)
 
 
-# every column path (two 32-byte vectors, one, a 16-byte one, single numbers) and row block (8 with AVX-512, 4, 2, 1;
-# a last block of 3 or 5-7 rows filled up), in shapes small enough to run on one thread and large enough to be split
-# among threads; and the loop's own shapes
+# every column path (a work item's 8 or 4 32-byte vectors with one or two rows, its 3 with more; then, in a last item,
+# two 32-byte vectors, one, a 16-byte one, single numbers) and row block (8 with AVX-512, 4, 2, 1; a last block of 3
+# or 5-7 rows filled up), in shapes small enough to run on one thread and large enough to be split among threads; and
+# the loop's own shapes
 SHAPES = [(3, 1, 5, 1), (2, 3, 7, 3), (2, 5, 9, 13), (3, 7, 17, 37), (6, 2, 100, 400), (6, 9, 64, 100),
-          (12, 1, 100, 4), (12, 1, 4, 400), (6, 16, 33, 129), (2, 6, 11, 24), (3, 13, 17, 40)]  # fmt: skip
+          (12, 1, 100, 4), (12, 1, 4, 400), (6, 16, 33, 129), (2, 6, 11, 24), (3, 13, 17, 40), (4, 2, 9, 100),
+          (3, 1, 7, 70), (6, 2, 400, 100), (3, 40, 50, 400)]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -82,7 +84,9 @@ def test_unit_mm_runs_its_own_kernel_on_several_threads_with_the_same_numbers(na
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("bias", [None, "row", "full"], ids=["no-bias", "bias-row", "bias-full"])
 @pytest.mark.parametrize(
-    "shape", [(6, 8, 100, 400), (3, 13, 17, 40), (4, 5, 9, 13)], ids=lambda s: "x".join(map(str, s))
+    "shape",
+    [(6, 8, 100, 400), (3, 13, 17, 40), (4, 5, 9, 13), (6, 2, 100, 400), (4, 2, 9, 100)],
+    ids=lambda s: "x".join(map(str, s)),
 )
 def test_unit_mm_computes_the_marked_rows_with_the_same_numbers(native, shape, bias, dtype):
     """With ``rows`` (the loop's active units, bool or 1.0 / 0.0), the marked rows are exactly those of the product of
@@ -113,10 +117,10 @@ def test_unit_mm_refuses_rows_of_another_shape_or_type(native):
 
 
 def test_unit_mm_leaves_other_products_to_aten(native):
-    """Many rows of large weights (where bmm is as fast) and weights that are not contiguous go to ATen's bmm, with
-    its numbers exactly."""
+    """More than 256 rows of large weights (where bmm catches up) and weights that are not contiguous go to ATen's
+    bmm, with its numbers exactly."""
     for b, a, w in (
-        operands(6, 64, 100, 400, "row", torch.float32, strided=False),
+        operands(6, 300, 100, 400, "row", torch.float32, strided=False),
         (None, torch.randn(6, 2, 40), torch.randn(6, 30, 40).transpose(1, 2)),
     ):
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -658,7 +658,8 @@ void attend_backward_cpu(const Tensor& d_read, const Tensor& values_t, const Ten
 // Each step multiplies a few rows per unit (the batch: 2 sequences in an Atari PPO minibatch, 8 environments in a
 // rollout) by that unit's weights, (K, M, N) x (K, N, P) with M small. ATen's bmm is then bound by reading the weights,
 // and reads them at about half the rate a plain loop can: unit_mm streams each weight row once per block of rows of the
-// batch (8 rows, or 4 without AVX-512's registers: kRowBlock, below), with the sums in registers (32-byte vectors of
+// batch (8 rows, or 4 without AVX-512's registers: kRowBlock, below; one or two rows read wider strips of each
+// weight row: kFewRowVectors), with the sums in registers (32-byte vectors of
 // the compiler's vector extension: AVX where the build has it, two SSE halves otherwise), over the intra-op threads
 // (parallel_ranges, above). Each output is bias + sum over n in order n = 0, 1, ... (a fused multiply-add each, where
 // the build has FMA): not ATen's (MKL's) order, so its values differ from bmm's by rounding (the tests bound the
@@ -717,7 +718,7 @@ inline void unit_mm_block(const T* a, const int64_t* rows, int64_t m0, int64_t s
     for (int j = 0; j < NV; ++j) store_v(out + row(m) * P + p0 + lanes * j, acc[m][j]);
 }
 
-// Rows in blocks of kRowBlock (8 where AVX-512's 32 vector registers hold the 8 x 2 sums, else 4), then of 4, 2, 1.
+// Rows in blocks of kRowBlock (8 where AVX-512's 32 vector registers hold the 8 x 3 sums, else 4), then of 4, 2, 1.
 // The weights stream past once per block, and a block costs about as much as the weights' stream, whatever its
 // rows: so a last block of 3 rows, or of 5 to 7, is filled up with its last row again (the same sums, computed and
 // stored twice) rather than split into blocks of 4, 2 and 1. The rows are 0 .. M-1, or rows[0 .. M) where given
@@ -767,6 +768,34 @@ inline void unit_mm_rows(const T* a, const int64_t* rows, int64_t M, int64_t sam
   }
 }
 
+// One or two rows (M, or the rows given, up to 2): their 1 or 2 x NV sums, whatever the rows.
+template <typename T, typename V, int NV>
+inline void unit_mm_few(const T* a, const int64_t* rows, int64_t M, int64_t sam, int64_t san, const T* w, int64_t N,
+                        int64_t P, T* out, const T* bias, int64_t sbm, int64_t p0) {
+  const auto block = [&](auto size) {
+    constexpr int MB = decltype(size)::value;
+    if (rows) {
+      unit_mm_block<T, V, MB, NV, true>(a, rows, 0, sam, san, w, N, P, out, bias, sbm, p0);
+    } else {
+      unit_mm_block<T, V, MB, NV, false>(a, nullptr, 0, sam, san, w, N, P, out, bias, sbm, p0);
+    }
+  };
+  if (M == 1) block(std::integral_constant<int, 1>{});
+  if (M == 2) block(std::integral_constant<int, 2>{});
+}
+
+// Columns per work item of unit_mm_cpu, in vectors: with one or two rows, 8 (4 without AVX-512's 32 registers), so
+// that each weight row is read as 256 (128) contiguous bytes; with more, 3 next to kRowBlock rows (8 x 3 sums and 3
+// weight vectors in AVX-512's 32 registers, 4 x 3 and 3 in AVX2's 16). Wider strips of a weight row than the 2
+// vectors (64 bytes) of the first version: measured on 2 cores, one process, alternated, bit for bit the same
+// results: 0.67-0.85x the time with 1 or 2 rows of the paper's weights, 0.9-0.97x with 3 to 53 rows.
+#if defined(__AVX512VL__)
+constexpr int kFewRowVectors = 8;
+#else
+constexpr int kFewRowVectors = 4;
+#endif
+constexpr int kRowVectors = 3;
+
 // `rows` (K, M) bool or T, where given: the rows to compute (true or non-zero; the active units' samples); the
 // others are the bias (or zero) without the product
 template <typename T>
@@ -798,10 +827,12 @@ void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Ten
       n_on[k] = i;
     }
   }
-  const int64_t blocks = (P + block - 1) / block;  // work items: (unit, block of columns)
+  const bool few = M <= 2;
+  const int64_t width = (few ? kFewRowVectors : kRowVectors) * lanes;  // columns per work item
+  const int64_t blocks = (P + width - 1) / width;  // work items: (unit, block of columns)
   parallel_ranges(K * blocks, K * M * N * P >= 32768, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t k = item / blocks, p0 = item % blocks * block, p1 = std::min(P, p0 + block);
+      const int64_t k = item / blocks, p0 = item % blocks * width, p1 = std::min(P, p0 + width);
       const T* ak = A + k * sak;
       const T* wk = W + k * N * P;
       T* ok = O + k * M * P;
@@ -810,7 +841,15 @@ void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Ten
       const int64_t* rk = Mk < M ? on.data() + k * M : nullptr;  // (all rows: 0 .. M-1)
       int64_t p = p0;
       const int64_t halfl = lanes / 2;
-      if (p + block <= p1) unit_mm_rows<T, wide, 2>(ak, rk, Mk, sam, san, wk, N, P, ok, bk, sbm, p), p += block;
+      if (p + width <= p1) {  // then the last item's remaining columns in narrower blocks
+        if (few) {
+          unit_mm_few<T, wide, kFewRowVectors>(ak, rk, Mk, sam, san, wk, N, P, ok, bk, sbm, p);
+        } else {
+          unit_mm_rows<T, wide, kRowVectors>(ak, rk, Mk, sam, san, wk, N, P, ok, bk, sbm, p);
+        }
+        p += width;
+      }
+      for (; p + block <= p1; p += block) unit_mm_rows<T, wide, 2>(ak, rk, Mk, sam, san, wk, N, P, ok, bk, sbm, p);
       if (p + lanes <= p1) unit_mm_rows<T, wide, 1>(ak, rk, Mk, sam, san, wk, N, P, ok, bk, sbm, p), p += lanes;
       if (p + halfl <= p1) unit_mm_rows<T, half, 1>(ak, rk, Mk, sam, san, wk, N, P, ok, bk, sbm, p), p += halfl;
       for (; p < p1; ++p) unit_mm_rows<T, T, 1>(ak, rk, Mk, sam, san, wk, N, P, ok, bk, sbm, p);
@@ -830,10 +869,12 @@ void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Ten
 
 // bias + a w, or a w without a bias, per unit: (K, M, N) x (K, N, P) (+ (K or 1, M or 1, P)), into `out` where given.
 // With `fused` (the CPU, float or double), unit_mm_cpu where the weights' rows and the output are contiguous and the
-// product is one it does faster (measured on 2 cores with blocks of 4 rows: 0.45-0.65x bmm's time with 2 rows,
-// 0.7-0.8x with 8 and 16, and CartPoleNoVel's small weights 0.9x with 53 rows; with 32 to 64 rows and the paper's
-// weights 0.9-1.1x: left to bmm; blocks of 8 then took 0.84-0.93x the time of blocks of 4 at 8 to 16 rows of the
-// paper's input-to-gate weights, 0.82-0.92x at 53 rows of CartPoleNoVel's); otherwise ATen's baddbmm / bmm.
+// product is one it does faster: up to 256 rows, or small weights (measured on 2 cores with blocks of 4 rows: 0.45-0.65x
+// bmm's time with 2 rows, 0.7-0.8x with 8 and 16, and CartPoleNoVel's small weights 0.9x with 53 rows; with 32 to 64
+// rows and the paper's weights 0.9-1.1x, then left to bmm; blocks of 8 then took 0.84-0.93x the time of blocks of 4
+// at 8 to 16 rows of the paper's input-to-gate weights, 0.82-0.92x at 53 rows of CartPoleNoVel's; with the wider
+// column strips of kRowVectors, 0.79-0.85x bmm's time at 64 rows of the paper's weights, 0.95x at 256, and 0.6-0.7x
+// where a third of the rows are left out); otherwise ATen's baddbmm / bmm.
 // `rows` (K, M) (bool, or the dtype's 1.0 / 0.0), where given, marks the rows whose products are used: the active
 // units' samples. The loop passes it for the gates and the residual's pre-activations, which the inactive units
 // (their state kept) do not read, and for the gradients through them, whose inactive rows are zero, so that the
@@ -846,7 +887,7 @@ Tensor unit_mm(bool fused, const Tensor& bias, const Tensor& a, const Tensor& w,
   TORCH_CHECK(!rows.defined() || (rows.dim() == 2 && rows.size(0) == a.size(0) && rows.size(1) == M &&
                                   (rows.scalar_type() == at::kBool || rows.scalar_type() == a.scalar_type())),
               "unit_mm: rows must be (K, M), bool or the operands' dtype");
-  const bool own = RIM_UNIT_MM && fused && (M <= 16 || NP <= 16384) && w.is_contiguous() &&
+  const bool own = RIM_UNIT_MM && fused && (M <= 256 || NP <= 16384) && w.is_contiguous() &&
                    (!out.defined() || out.is_contiguous()) &&
                    (!bias.defined() || (bias.dim() == 3 && bias.stride(2) == 1));
   if (!own) {
