@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["NATIVE_LOOP", "VECTOR_INPUT_PATH", "run_together", "select_winners", "sequence"]
+__all__ = ["NATIVE_LOOP", "VECTOR_INPUT_PATH", "release_buffers", "run_together", "select_winners", "sequence"]
 
 RIM = nn.Module  # a rims_rl.rim.RIM (not imported: that module imports this one)
 Result = tuple[Tensor, tuple[Tensor, Tensor], Tensor, Tensor]
@@ -938,16 +938,19 @@ variable ``RIMS_RL_NATIVE=0`` makes the default False. The source is compiled on
 :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; ~50 s) and cached in a build directory of its own
 (:func:`_build_directory`). The same results as the Python loop (the tests run every RIM test on both): with ATen
 operators only, the same ops in the same order; on the CPU, with :data:`FUSED_KERNELS`, up to rounding. It saves the
-interpreter's time between ~75 small ops per step, and on the CPU most of those ops."""
+interpreter's time between ~75 small ops per step, and on the CPU most of those ops. On the CPU it keeps its
+per-sequence buffers of 1 MB or more (tape, outputs, gradients) between calls, up to 256 MB, and hands one out again
+only once nothing holds it (:func:`release_buffers`)."""
 
 FUSED_KERNELS: bool = os.environ.get("RIMS_RL_FUSED", "0") == "1"
 """Whether the C++ loop, on the CPU, runs the element-wise parts of a step (input attention, selection, the cell's
 arithmetic, the communication attention among units, the gated residual) and their backward as fused kernels, one
 plain loop each (``csrc/rim_loop.cpp``), rather than as ATen operators: per step of a sequence, ~9 kernels forward
-and ~8 backward instead of ~44 and ~40 (``scripts/benchmark_core.py``); and the per-step weight products with few
-rows (up to 16 samples, or small weights) in a product of its own (``unit_mm``), which reads the weights about twice
-as fast as ATen's ``bmm`` at 2 samples, and for the gates, the residual and their gradients computes only the active
-units' rows (the inactive units' are never read, or zero: the same numbers, bit for bit). Same formulas, so the same
+and ~8 backward instead of ~44 and ~40 (``scripts/benchmark_core.py``); and the per-step weight products (up to
+256 samples, or small weights) in a product of its own (``unit_mm``), which reads the weights two to three times as
+fast as ATen's ``bmm`` at 2 samples and takes 0.8-0.95x its time at 64 to 256, and for the gates, the residual and
+their gradients computes only the active units' rows (the inactive units' are never read, or zero: the same numbers,
+bit for bit). Same formulas, so the same
 values up to rounding (sums in another order; ``std::exp`` in the input attention's sigmoids and a vectorised Cephes
 exp in the softmax among units and the LSTM cell's and residual's activations, against ATen's vectorised ones); the
 tests bound the difference. Opt-in (the environment variable ``RIMS_RL_FUSED=1`` makes the default True, for the
@@ -960,6 +963,17 @@ does the CPU while this is False."""
 _native_state: dict[str, Any] = {}
 
 
+def release_buffers() -> None:
+    """Frees the per-sequence buffers the C++ loop keeps between calls on the CPU (``BufferPool`` in
+    ``csrc/rim_loop.cpp``: buffers of 1 MB or more, up to 256 MB, each handed out again only once nothing holds it).
+    glibc's malloc would otherwise give those blocks back to the system after each call and fault them in again page
+    by page (~25,000 page faults, ~0.2x a 128-step call's time at batch 8, without :mod:`rims_rl.allocator`'s
+    setting); buffers still in use (outputs a caller keeps, a tape awaiting its backward) stay with their users."""
+    module = _native_state.get("module")
+    if module is not None:
+        module.release_buffers()
+
+
 def _cflags() -> tuple[str, ...]:
     """The C++ loop's compiler flags: ``-O3``; ``-fopenmp-simd`` for the fused kernels' ``omp simd`` loops (no
     OpenMP runtime); ``-fno-trapping-math``, without which GCC does not vectorise a loop whose float comparisons
@@ -967,8 +981,8 @@ def _cflags() -> tuple[str, ...]:
     exception flags; no value changes); AVX2 with FMA where torch itself runs AVX2 or AVX-512 kernels on this CPU;
     and where it runs AVX-512, AVX-512's 32 vector registers, with vectors kept at 256 bits
     (``-mprefer-vector-width=256``: the same loops, sums and numbers as the AVX2 build; the registers let the
-    per-unit product hold 8 rows' sums, ``kRowBlock`` in ``csrc/rim_loop.cpp``). The build folder's key includes the
-    flags, so a machine without them builds its own."""
+    per-unit product hold 8 rows' sums by 3 vectors of columns, ``kRowBlock`` in ``csrc/rim_loop.cpp``). The build
+    folder's key includes the flags, so a machine without them builds its own."""
     flags = ("-O3", "-fopenmp-simd", "-fno-trapping-math")
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512"):

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -132,6 +133,71 @@ void for_rows(int64_t K, int64_t B, int64_t work, const F& f) {
   parallel_ranges(K * B, work >= kRowWork, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) f(i / B, i % B);
   });
+}
+
+// ---- Per-sequence buffers kept between calls ----
+// With glibc's default malloc (without rims_rl.allocator's setting), the large blocks a sequence's tape and gradients
+// take (~90 MB at benchmark (b)'s sizes: 128 steps, batch 8) go back to the system when freed and are faulted in
+// again page by page on the next call: ~25,000 page faults, ~40 ms of a ~130 ms call. The loop takes those buffers
+// (1 MB or more, on the CPU) from this pool instead: a buffer whose storage nothing else holds any longer (its
+// tensors freed, the autograd graph that saved them released) is handed out again for a request of the same size and
+// dtype; one still held (an output a caller keeps, a tape awaiting its backward) never is. The pool keeps at most
+// kPoolBytes, dropping the longest-idle free buffers first to make room; release_buffers() empties it. Every buffer
+// is written before it is read, as those of at::empty, so reuse changes no value.
+class BufferPool {
+ public:
+  static constexpr int64_t kMinBytes = 1 << 20;
+  static constexpr int64_t kPoolBytes = int64_t(256) << 20;
+
+  Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+    const int64_t n = c10::multiply_integers(sizes);
+    const int64_t bytes = n * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opt.dtype())));
+    if (!opt.device().is_cpu() || bytes < kMinBytes) return at::empty(sizes, opt);
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < held_.size(); ++i) {
+      const Tensor& t = held_[i];
+      if (t.numel() == n && t.dtype() == opt.dtype() && t.storage().use_count() == 1) {
+        Tensor out = t.view(sizes);
+        std::rotate(held_.begin() + i, held_.begin() + i + 1, held_.end());  // the most recently used last
+        return out;
+      }
+    }
+    Tensor t = at::empty({n}, opt);
+    for (size_t i = 0; i < held_.size() && bytes_ + bytes > kPoolBytes;) {  // make room: the longest idle first
+      if (held_[i].storage().use_count() == 1) {
+        bytes_ -= held_[i].nbytes();
+        held_.erase(held_.begin() + i);
+      } else {
+        ++i;
+      }
+    }
+    if (bytes_ + bytes <= kPoolBytes) {
+      held_.push_back(t);
+      bytes_ += bytes;
+    }
+    return t.view(sizes);
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    held_.clear();
+    bytes_ = 0;
+  }
+
+  int64_t bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return bytes_;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<Tensor> held_;
+  int64_t bytes_ = 0;
+};
+
+BufferPool& buffer_pool() {
+  static BufferPool pool;
+  return pool;
 }
 
 // ---- Fused CPU kernels (used when `fused`: on the CPU) ----
@@ -1005,24 +1071,24 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
   const Tensor no_winner = at::zeros({K, B}, opt.dtype(at::kBool));
   const Tensor all_active = at::ones({K, B}, opt.dtype(at::kBool));
 
-  Tensor outputs = at::empty({L, K, B, H}, opt);
+  Tensor outputs = buffer_pool().empty({L, K, B, H}, opt);
   Tensor masks = at::empty({L, K, B}, opt.dtype(at::kBool));
-  Tensor attention = at::empty({L, K, B}, opt);
+  Tensor attention = buffer_pool().empty({L, K, B}, opt);
   Tensor h_in, read_all, h1_all, rc_all, c_in, mf_all, act, aux, p_all, qkv_all, ac_all, ug_all;
   if (record) {
-    h_in = at::empty({K, L, B, H}, opt);
-    if (!projected) read_all = at::empty({K, L, B, Hi * dv}, opt);
-    p_all = at::empty({L, K, B, Hi}, opt);
-    mf_all = at::empty({L, K, B, 1}, opt);
-    act = at::empty({L, K, B, G}, opt);
-    aux = at::empty({L, K, B, H}, opt);
-    if (lstm) c_in = at::empty({L, K, B, H}, opt);
+    h_in = buffer_pool().empty({K, L, B, H}, opt);
+    if (!projected) read_all = buffer_pool().empty({K, L, B, Hi * dv}, opt);
+    p_all = buffer_pool().empty({L, K, B, Hi}, opt);
+    mf_all = buffer_pool().empty({L, K, B, 1}, opt);
+    act = buffer_pool().empty({L, K, B, G}, opt);
+    aux = buffer_pool().empty({L, K, B, H}, opt);
+    if (lstm) c_in = buffer_pool().empty({L, K, B, H}, opt);
     if (communication) {
-      h1_all = at::empty({K, L, B, H}, opt);
-      rc_all = at::empty({K, L, B, Hc * cv}, opt);
-      qkv_all = at::empty({L, K, B, Hc * dqkv}, opt);
-      ac_all = at::empty({L, B * Hc, K, K}, opt);
-      ug_all = at::empty({L, K, B, 2 * H}, opt);
+      h1_all = buffer_pool().empty({K, L, B, H}, opt);
+      rc_all = buffer_pool().empty({K, L, B, Hc * cv}, opt);
+      qkv_all = buffer_pool().empty({L, K, B, Hc * dqkv}, opt);
+      ac_all = buffer_pool().empty({L, B * Hc, K, K}, opt);
+      ug_all = buffer_pool().empty({L, K, B, 2 * H}, opt);
     }
   }
 
@@ -1261,12 +1327,12 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
   Tensor dh = d_hn ? *d_hn : at::zeros({K, B, H}, opt);
   Tensor dc;
   if (lstm) dc = d_cn ? *d_cn : at::zeros({K, B, H}, opt);
-  Tensor d_hz = at::empty({K, L, B, dq + G}, opt);
+  Tensor d_hz = buffer_pool().empty({K, L, B, dq + G}, opt);
   Tensor d_gh = d_hz.narrow(3, dq, G);
-  Tensor d_gx = lstm ? d_gh : at::empty({K, L, B, G}, opt);
-  Tensor d_s_all = at::empty({K, L, B, Hi}, opt);
+  Tensor d_gx = lstm ? d_gh : buffer_pool().empty({K, L, B, G}, opt);
+  Tensor d_s_all = buffer_pool().empty({K, L, B, Hi}, opt);
   Tensor d_pre_all, d_qkv_all, wout_t, wqkv_t;
-  const Tensor d_read_all = projected ? Tensor() : at::empty({L, K, B, Hi * dv}, opt);
+  const Tensor d_read_all = projected ? Tensor() : buffer_pool().empty({L, K, B, Hi * dv}, opt);
   // fused: as in rim_forward; the transposed weights then contiguous for unit_mm, copied once per sequence where
   // the sequence is long enough to repay the copy (shorter: the views, which unit_mm leaves to ATen's bmm)
   fused = fused && h_in.is_cpu() && (h_in.scalar_type() == at::kFloat || h_in.scalar_type() == at::kDouble);
@@ -1274,8 +1340,8 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
     return copy ? w.transpose(1, 2).contiguous() : w.transpose(1, 2);
   };
   if (communication) {
-    d_pre_all = at::empty({K, L, B, 2 * H}, opt);
-    d_qkv_all = at::empty({K, L, B, Hc * dqkv}, opt);
+    d_pre_all = buffer_pool().empty({K, L, B, 2 * H}, opt);
+    d_qkv_all = buffer_pool().empty({K, L, B, Hc * dqkv}, opt);
     wout_t = transposed(*wout);
     wqkv_t = transposed(*wqkv);
   }
@@ -1470,4 +1536,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "given (for the tests)",
       pybind11::arg("bias"), pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("rows") = pybind11::none(),
       pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def(
+      "buffer_bytes", [] { return buffer_pool().bytes(); }, "bytes of the per-sequence buffers the pool keeps");
+  m.def(
+      "release_buffers", [] { buffer_pool().clear(); },
+      "drop the pool's per-sequence buffers (those still in use stay with their users)");
 }
