@@ -944,19 +944,18 @@ only once nothing holds it (:func:`release_buffers`)."""
 
 FUSED_KERNELS: bool = os.environ.get("RIMS_RL_FUSED", "0") == "1"
 """Whether the C++ loop, on the CPU, runs the element-wise parts of a step (input attention, selection, the cell's
-arithmetic, the communication attention among units, the gated residual) and their backward as fused kernels, one
-plain loop each (``csrc/rim_loop.cpp``), rather than as ATen operators: per step of a sequence, ~9 kernels forward
-and ~8 backward instead of ~44 and ~40 (``scripts/benchmark_core.py``); and the per-step weight products (up to
-256 samples, or small weights) in a product of its own (``unit_mm``), which reads the weights two to three times as
-fast as ATen's ``bmm`` at 2 samples and takes 0.8-0.95x its time at 64 to 256, and for the gates, the residual and
-their gradients computes only the active units' rows (the inactive units' are never read, or zero: the same numbers,
-bit for bit). Same formulas, so the same
-values up to rounding (sums in another order; ``std::exp`` in the input attention's sigmoids and a vectorised Cephes
-exp in the softmax among units and the LSTM cell's and residual's activations, against ATen's vectorised ones); the
-tests bound the difference. Opt-in (the environment variable ``RIMS_RL_FUSED=1`` makes the default True, for the
-``rims-rl`` command). PPO follows the different rounding to a different run of the same seed, and across seeds shows
-no harm (BabyAI, RIM, seeds 0-5: 4 of 6 reach 0.5 success within 250k steps either way, for each version of the
-kernels; README, "The C++ loop"), but the default keeps the ATen operators' numbers, with which every documented
+arithmetic, the communication attention among units, the gated residual) and their backward as fused kernels, one plain
+loop each (``csrc/rim_loop.cpp``), rather than as ATen operators: per step of a sequence, ~9 kernels forward and ~8
+backward instead of ~44 and ~40 (``scripts/benchmark_core.py``); and the per-step weight products (up to 256 samples, or
+small weights) in a product of its own (``unit_mm``), which reads the weights two to three times as fast as ATen's
+``bmm`` at 2 samples and takes 0.8-0.95x its time at 64 to 256, and for the gates, the residual and their gradients
+computes only the active units' rows (the inactive units' are never read, or zero: the same numbers, bit for bit). Same
+formulas, so the same values up to rounding (sums in another order; ``std::exp`` in the input attention's sigmoids and a
+vectorised Cephes exp in the softmax among units and the LSTM cell's and residual's activations, against ATen's
+vectorised ones); the tests bound the difference. Opt-in (the environment variable ``RIMS_RL_FUSED=1`` makes the default
+True, for the ``rims-rl`` command). PPO follows the different rounding to a different run of the same seed, and across
+seeds shows no harm (BabyAI, RIM, seeds 0-5: 4 of 6 reach 0.5 success within 250k steps either way, for each version of
+the kernels; README, "The C++ loop"), but the default keeps the ATen operators' numbers, with which every documented
 result and learning test was made. Other devices always take the ATen operators (each one kernel launch on a GPU), as
 does the CPU while this is False."""
 
@@ -967,8 +966,8 @@ def release_buffers() -> None:
     """Frees the per-sequence buffers the C++ loop keeps between calls on the CPU (``BufferPool`` in
     ``csrc/rim_loop.cpp``: buffers of 1 MB or more, up to 256 MB, each handed out again only once nothing holds it).
     glibc's malloc would otherwise give those blocks back to the system after each call and fault them in again page
-    by page (~25,000 page faults, ~0.2x a 128-step call's time at batch 8, without :mod:`rims_rl.allocator`'s
-    setting); buffers still in use (outputs a caller keeps, a tape awaiting its backward) stay with their users."""
+    by page (without :mod:`rims_rl.allocator`'s setting: ~25,000 page faults, a fifth of a 128-step call's time at
+    batch 8). Buffers still in use (outputs a caller keeps, a tape awaiting its backward) stay with their users."""
     module = _native_state.get("module")
     if module is not None:
         module.release_buffers()

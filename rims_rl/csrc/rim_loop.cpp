@@ -138,7 +138,7 @@ void for_rows(int64_t K, int64_t B, int64_t work, const F& f) {
 // ---- Per-sequence buffers kept between calls ----
 // With glibc's default malloc (without rims_rl.allocator's setting), the large blocks a sequence's tape and gradients
 // take (~90 MB at benchmark (b)'s sizes: 128 steps, batch 8) go back to the system when freed and are faulted in
-// again page by page on the next call: ~25,000 page faults, ~40 ms of a ~130 ms call. The loop takes those buffers
+// again page by page on the next call: ~25,000 page faults, ~40 ms of a ~166 ms call. The loop takes those buffers
 // (1 MB or more, on the CPU) from this pool instead: a buffer whose storage nothing else holds any longer (its
 // tensors freed, the autograd graph that saved them released) is handed out again for a request of the same size and
 // dtype; one still held (an output a caller keeps, a tape awaiting its backward) never is. The pool keeps at most
@@ -935,12 +935,12 @@ void unit_mm_cpu(const Tensor& bias, const Tensor& a, const Tensor& w, const Ten
 
 // bias + a w, or a w without a bias, per unit: (K, M, N) x (K, N, P) (+ (K or 1, M or 1, P)), into `out` where given.
 // With `fused` (the CPU, float or double), unit_mm_cpu where the weights' rows and the output are contiguous and the
-// product is one it does faster: up to 256 rows, or small weights (measured on 2 cores with blocks of 4 rows: 0.45-0.65x
-// bmm's time with 2 rows, 0.7-0.8x with 8 and 16, and CartPoleNoVel's small weights 0.9x with 53 rows; with 32 to 64
-// rows and the paper's weights 0.9-1.1x, then left to bmm; blocks of 8 then took 0.84-0.93x the time of blocks of 4
-// at 8 to 16 rows of the paper's input-to-gate weights, 0.82-0.92x at 53 rows of CartPoleNoVel's; with the wider
-// column strips of kRowVectors, 0.79-0.85x bmm's time at 64 rows of the paper's weights, 0.95x at 256, and 0.6-0.7x
-// where a third of the rows are left out); otherwise ATen's baddbmm / bmm.
+// product is one it does faster: up to 256 rows, or small weights (measured on 2 cores with blocks of 4 rows:
+// 0.45-0.65x bmm's time with 2 rows, 0.7-0.8x with 8 and 16, and CartPoleNoVel's small weights 0.9x with 53 rows;
+// with 32 to 64 rows and the paper's weights 0.9-1.1x, then left to bmm; blocks of 8 then took 0.84-0.93x the time of
+// blocks of 4 at 8 to 16 rows of the paper's input-to-gate weights, 0.82-0.92x at 53 rows of CartPoleNoVel's; with
+// the wider column strips of kRowVectors, 0.79-0.85x bmm's time at 64 rows of the paper's weights, 0.95x at 256, and
+// 0.6-0.7x where a third of the rows are left out); otherwise ATen's baddbmm / bmm.
 // `rows` (K, M) (bool, or the dtype's 1.0 / 0.0), where given, marks the rows whose products are used: the active
 // units' samples. The loop passes it for the gates and the residual's pre-activations, which the inactive units
 // (their state kept) do not read, and for the gradients through them, whose inactive rows are zero, so that the
