@@ -83,3 +83,15 @@ def test_release_buffers_from_python(native):
     assert native.buffer_bytes() > 0
     rims_rl.rim_fast.release_buffers()
     assert native.buffer_bytes() == 0
+
+
+def test_a_call_under_inference_mode_leaves_no_inference_buffer_for_training(native):
+    """Tensors made under ``torch.inference_mode`` may not be written or saved for backward outside it: a buffer made
+    there must not come back to a training call."""
+    rim, xs = sizes_with_large_buffers()
+    with torch.inference_mode():
+        out, _, _ = rim(xs[0])
+    del out
+    out, _, _ = rim(xs[0])
+    out.sum().backward()
+    assert all(p.grad is not None for p in rim.parameters())

@@ -143,7 +143,8 @@ void for_rows(int64_t K, int64_t B, int64_t work, const F& f) {
 // tensors freed, the autograd graph that saved them released) is handed out again for a request of the same size and
 // dtype; one still held (an output a caller keeps, a tape awaiting its backward) never is. The pool keeps at most
 // kPoolBytes, dropping the longest-idle free buffers first to make room; release_buffers() empties it. Every buffer
-// is written before it is read, as those of at::empty, so reuse changes no value.
+// is written before it is read, as those of at::empty, so reuse changes no value. Calls under inference mode take
+// none (tensors made there may not be written, or saved for backward, outside it).
 class BufferPool {
  public:
   static constexpr int64_t kMinBytes = 1 << 20;
@@ -152,7 +153,7 @@ class BufferPool {
   Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opt) {
     const int64_t n = c10::multiply_integers(sizes);
     const int64_t bytes = n * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opt.dtype())));
-    if (!opt.device().is_cpu() || bytes < kMinBytes) return at::empty(sizes, opt);
+    if (!opt.device().is_cpu() || bytes < kMinBytes || c10::InferenceMode::is_enabled()) return at::empty(sizes, opt);
     std::lock_guard<std::mutex> lock(mutex_);
     for (size_t i = 0; i < held_.size(); ++i) {
       const Tensor& t = held_[i];
