@@ -57,21 +57,32 @@ def test_kept_outputs_and_pending_tapes_are_not_reused(native):
             assert torch.equal(g, w)
 
 
-def test_freed_buffers_are_reused_and_the_pool_stays_bounded(native):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "aten"])
+@pytest.mark.parametrize("path", ["per-step", "projected", "folded"])
+def test_freed_buffers_are_reused_and_the_pool_stays_bounded(native, monkeypatch, fused, path):
+    """A call on buffers another input's call left behind gives exactly the numbers of fresh buffers (no value is read
+    before it is written), and the pool hands out the same buffers again instead of growing; with the fused kernels
+    and with ATen operators, on each of the input attention's paths."""
+    monkeypatch.setattr(rims_rl.rim_fast, "FUSED_KERNELS", fused)
+    monkeypatch.setattr(rims_rl.rim_fast, "VECTOR_INPUT_PATH", path)
     rim, xs = sizes_with_large_buffers()
-    x = xs[0]
-    out, _, _ = rim(x)
-    out.sum().backward()
-    first = out.detach().clone()
-    del out
+
+    def call(x):
+        rim.zero_grad()
+        out, _, _ = rim(x)
+        out.square().sum().backward()
+        return out.detach().clone(), grads(rim)
+
+    fresh = call(xs[0])
+    native.release_buffers()
+    call(xs[1])  # the pool now holds xs[1]'s tape and gradients
     held = native.buffer_bytes()
     assert held > 0
-    for _ in range(3):
-        out, _, _ = rim(x)
-        out.sum().backward()
-        assert torch.equal(out.detach(), first)
-        del out
+    for x in (xs[0], xs[2], xs[0]):
+        got = call(x)
         assert native.buffer_bytes() == held  # the same buffers again, none added
+    for a, b in zip((got[0], *got[1]), (fresh[0], *fresh[1]), strict=True):
+        assert torch.equal(a, b)
     native.release_buffers()
     assert native.buffer_bytes() == 0
 
