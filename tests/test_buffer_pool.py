@@ -23,10 +23,10 @@ def native(monkeypatch):
 
 
 def sizes_with_large_buffers():
-    """A RIM and inputs whose per-sequence buffers (K, L, B, 4H) are ~4.9 MB, above the pool's 1 MB."""
+    """A RIM and inputs whose per-sequence buffers (K, L, B, 4H) are ~2.5 MB, above the pool's 1 MB."""
     torch.manual_seed(0)
     rim = RIM(32, num_units=6, unit_size=100, k_active=4, dropout=0.0)  # (no random masks: calls comparable)
-    xs = [torch.randn(64, 8, 32, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    xs = [torch.randn(32, 8, 32, generator=torch.Generator().manual_seed(s)) for s in range(3)]
     return rim, xs
 
 
