@@ -669,6 +669,7 @@ class _RIMSequence(torch.autograd.Function):
                 cfg, keys, values, gates_x_all, h0, c0, keep, weights, tape, proj
             )
         ctx.cfg, ctx.tape, ctx.keep, ctx.proj = cfg, tape, keep, proj
+        ctx.state_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]  # whether h0, c0 want a gradient
         wq, bq, wih, _, whh, _, wqkv, wout, _ = weights  # the other biases are not needed to go back
         ctx.save_for_backward(keys, values, wq, bq, wih, whh, wqkv, wout)
         ctx.mark_non_differentiable(masks)
@@ -692,7 +693,8 @@ def _sequence_backward(
     loop_grads: tuple[Any, ...] | None = None,
 ) -> tuple[Tensor | None, ...]:
     """The gradients of :class:`_RIMSequence`'s inputs. ``ctx`` holds what its forward kept (cfg, tape, keep,
-    proj), ``saved`` its saved tensors; ``loop_grads``, where given, the result of the per-step part
+    proj, and ``state_grad``: whether the state entering the sequence wants a gradient; None for it where not),
+    ``saved`` its saved tensors; ``loop_grads``, where given, the result of the per-step part
     (:func:`_native_backward`), else it is computed here."""
     cfg: _LoopConfig = ctx.cfg
     tape = ctx.tape  # _Tape, or _NativeTape from the C++ loop
@@ -880,17 +882,22 @@ def _backward_loop(
             dh_prev = torch.addcmul(dh1 - dh1_active, dh1_active, z)
 
         # ---- 1. input attention -----------------------------------------------------------------------------
+        # (dh_prev: the gradient through this step's uses of its state, not needed at the first step where the
+        # state entering the sequence wants none)
+        through_state = t > 0 or ctx.state_grad
         if mode == "projected":
             # Through the step-independent projections; their own gradients are formed after the loop.
             assert proj is not None and d_s_all is not None
-            dh_prev = torch.baddbmm(dh_prev, d_gh[:, t], w_h_t)
+            if through_state:
+                dh_prev = torch.baddbmm(dh_prev, d_gh[:, t], w_h_t)
             d_p = torch.bmm(d_gx[:, t].reshape(K * B, 1, G), proj.gates[t].transpose(1, 2)).view(K, B, Hi)
             if "drop_in" in rec:
                 d_p = d_p * rec["drop_in"]
             d_s = _sigmoid_backward_into(d_p, rec["p"], grad_input=d_s_all[:, t])  # (K, B, Hi), score gradients
-            dh_prev = torch.baddbmm(
-                dh_prev.view(K * B, 1, H), d_s.reshape(K * B, 1, Hi), proj.score_weight[t].transpose(1, 2)
-            ).view(K, B, H)
+            if through_state:
+                dh_prev = torch.baddbmm(
+                    dh_prev.view(K * B, 1, H), d_s.reshape(K * B, 1, Hi), proj.score_weight[t].transpose(1, 2)
+                ).view(K, B, H)
         elif with_queries:
             kept = d_read_all[t] if d_read_all is not None else None
             d_read = torch.bmm(d_gx[:, t], wih_t, out=kept)  # (K, B, Hi*dv)
@@ -914,8 +921,9 @@ def _backward_loop(
                 q_b = rec["q"].permute(1, 2, 0, 3)  # (B, Hi, K, dk)
                 d_q.copy_(torch.matmul(d_scores, keys[t].transpose(-1, -2)).permute(2, 0, 1, 3))
                 d_keys.append(torch.matmul(q_b.transpose(-1, -2), d_scores))  # (B, Hi, dk, N)
-            dh_prev = torch.baddbmm(dh_prev, d_hz[:, t], w_h_t)  # through the queries and the gates
-        else:
+            if through_state:
+                dh_prev = torch.baddbmm(dh_prev, d_hz[:, t], w_h_t)  # through the queries and the gates
+        elif through_state:
             dh_prev = torch.baddbmm(dh_prev, d_gh[:, t], w_h_t)
 
         if rec.get("reset"):
@@ -924,6 +932,8 @@ def _backward_loop(
                 dc = dc * ctx.keep[t]
         dh = dh_prev
 
+    if not ctx.state_grad:
+        dh = dc = None
     return dh, dc, d_hz, d_gx, d_s_all, d_pre_all, d_qkv_all, d_read_all, d_keys, d_values
 
 
@@ -1172,12 +1182,13 @@ def _native_backward(
         tape.p, tape.qkv, tape.ac, tape.ug, wq, wih, whh, wqkv, wout,
         proj.score_weight if proj is not None else None, proj.gates if proj is not None else None,
         *cfg.dropout, cfg.comm_heads, cfg.comm_key_size,
-        cfg.comm_value_size, lstm, cfg.communication, FUSED_KERNELS,
+        cfg.comm_value_size, lstm, cfg.communication, FUSED_KERNELS, ctx.state_grad,
         threads,
     )  # fmt: skip
     communication = cfg.communication
+    state_grad = ctx.state_grad
     return (
-        dh, dc if lstm else None, d_hz, None if lstm else d_gx, d_s,
+        dh if state_grad else None, dc if lstm and state_grad else None, d_hz, None if lstm else d_gx, d_s,
         d_pre if communication else None, d_qkv if communication else None, None if proj is not None else d_read,
     )  # fmt: skip
 
@@ -1251,12 +1262,17 @@ class _RIMSequences(torch.autograd.Function):
                 _pool().submit(_native_forward, cfg, keys, values, h0, c0, keep, tuple(weights), True, proj, 1)
             )
         ctx.subs, outs, fixed = [], [], []
-        for (cfg, keys, values, _, _, keep, *weights), proj, future in zip(items, projs, futures, strict=False):
+        for i, ((cfg, keys, values, _, _, keep, *weights), proj, future) in enumerate(
+            zip(items, projs, futures, strict=False)
+        ):
             outputs, h_n, c_n, masks, attention, tape = future.result()
             wq, bq, wih, _, whh, _, wqkv, wout, _ = weights
             # (inputs kept on the context rather than with save_for_backward, which takes one node's worth)
             saved = (keys, values, wq, bq, wih, whh, wqkv, wout)
-            ctx.subs.append(SimpleNamespace(cfg=cfg, tape=tape, keep=keep, proj=proj, saved=saved))
+            state_grad = any(ctx.needs_input_grad[1 + i * _ITEM + j] for j in (3, 4))  # h0, c0
+            ctx.subs.append(
+                SimpleNamespace(cfg=cfg, tape=tape, keep=keep, proj=proj, saved=saved, state_grad=state_grad)
+            )
             outs += [outputs, h_n, c_n, masks, attention]
             fixed += [masks, attention]
         ctx.mark_non_differentiable(*fixed)

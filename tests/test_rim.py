@@ -97,6 +97,35 @@ def test_matches_the_reference_step_in_values_and_gradients(config, n_elements):
         torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("L", [1, 5])
+def test_a_state_without_gradient_leaves_the_other_gradients_exactly_as_they_were(config, L):
+    """Where the state entering the sequence wants no gradient (a rollout's stored state, or None), the backward
+    skips the first step's products through it; every other gradient is the same, bit for bit."""
+    rim = make_rim(**config)
+    x, h0, c0 = random_inputs(L=L)
+    x = x[:, :, 0]
+    starts = torch.zeros(L, 4)
+    starts[0, 2] = 1.0  # a reset at the first step too
+    g = torch.Generator().manual_seed(2)
+    results = []
+    for state_grad in (True, False):
+        inputs = [x.clone().requires_grad_(), h0.clone().requires_grad_(state_grad), c0.clone().requires_grad_()]
+        inputs[2].requires_grad_(state_grad and rim.cell == "lstm")
+        torch.manual_seed(3)
+        out, (h, c), _ = rim(inputs[0], (inputs[1], inputs[2]), episode_starts=starts)
+        if not results:
+            w_out, w_h, w_c = (torch.randn(t.shape, generator=g, dtype=torch.double) for t in (out, h, c))
+        wanted = list(rim.parameters()) + inputs[: 3 if state_grad else 1]
+        loss = (out * w_out).sum() + (h * w_h).sum() + (c * w_c).sum()
+        grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+        results.append([out, h, c, *grads[: len(grads) - (2 if state_grad else 0)]])
+        if state_grad:
+            assert grads[-2] is not None and grads[-2].any()
+    for a, b in zip(*results, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_inactive_units_keep_state_exactly():
     rim = make_rim()
     x, h0, c0 = random_inputs(L=1, B=8)

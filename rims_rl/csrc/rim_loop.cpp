@@ -1311,7 +1311,7 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
                                  const std::optional<Tensor>& score_weight, const std::optional<Tensor>& proj_gates,
                                  const std::optional<Tensor>& drop_in, const std::optional<Tensor>& drop_c,
                                  int64_t Hc, int64_t ck, int64_t cv, bool lstm, bool communication,
-                                 bool fused, int64_t threads) {
+                                 bool fused, bool state_grad, int64_t threads) {
   at::NoGradGuard no_grad;
   const LoopThreads loop_threads(threads);
   const bool projected = score_weight.has_value();
@@ -1461,8 +1461,11 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
     }
 
     // ---- 1. input attention over one vector ----
+    // the step's gradients through its state's uses (dh_prev), not needed at the first step where nothing asks
+    // for the gradient of the state entering the sequence
+    const bool through_state = t > 0 || state_grad;
     if (projected) {  // through the step-independent projections; their own gradients are formed after the loop
-      dh_prev = unit_mm(fused, dh_prev, d_gh.select(1, t), w_h_t, Tensor(), active);
+      if (through_state) dh_prev = unit_mm(fused, dh_prev, d_gh.select(1, t), w_h_t, Tensor(), active);
       Tensor d_p;
       if (by_head && fused) {
         d_p = at::empty({K, B, Hi}, opt);
@@ -1474,9 +1477,9 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
       if (drop_in) d_p = d_p * (*drop_in)[t];
       Tensor d_s = d_s_all.select(1, t);
       at::sigmoid_backward_out(d_s, d_p, p_all[t]);
-      if (by_head && fused) {  // (dh_prev: a tensor of this step's, above)
+      if (through_state && by_head && fused) {  // (dh_prev: a tensor of this step's, above)
         RIM_FUSED("proj_combine", proj_combine_cpu<scalar_t>(*score_weight, t, d_s, dh_prev, dh_prev));
-      } else {
+      } else if (through_state) {
         const Tensor w = by_head ? by_head_rows(*score_weight, t) : (*score_weight)[t].transpose(1, 2);
         dh_prev = at::baddbmm(dh_prev.view({K * B, 1, H}), d_s.reshape({K * B, 1, Hi}), w).view({K, B, H});
       }
@@ -1502,7 +1505,7 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
       at::sigmoid_backward_out(d_s, d_p, p_all[t]);
       at::mul_out(d_q, d_s.unsqueeze(-1), keys[t]);
     }
-    dh_prev = unit_mm(fused, dh_prev, d_hz.select(1, t), w_h_t);  // through the queries and the gates
+    if (through_state) dh_prev = unit_mm(fused, dh_prev, d_hz.select(1, t), w_h_t);  // via the queries and gates
 
     if (reset_steps[t]) {
       const Tensor k = (*keep)[t];
@@ -1512,8 +1515,8 @@ std::vector<Tensor> rim_backward(const std::optional<Tensor>& d_outputs, const s
     dh = dh_prev;
   }
   const Tensor none = at::empty({0}, opt);
-  return {dh,
-          lstm ? dc : none,
+  return {state_grad ? dh : none,
+          lstm && state_grad ? dc : none,
           d_hz,
           lstm ? none : d_gx,
           d_s_all,
