@@ -1296,7 +1296,8 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
   return result;
 }
 
-// Backward through time for rim_forward's tape. Returns [dh_0, dc_0 (empty for a GRU), d_hz (K,L,B,dq+G): the
+// Backward through time for rim_forward's tape. Returns [dh_0, dc_0 (empty for a GRU; both empty without
+// `state_grad`, where the first step skips its products through the entering state), d_hz (K,L,B,dq+G): the
 // gradients of [queries | recurrent gate inputs], d_gx (K,L,B,G): of the GRU's input-side gates (empty for an
 // LSTM, whose d_gx is d_hz's gate part), d_s (K,L,B,Hi): of the input-attention scores, d_pre (K,L,B,2H) and
 // d_qkv (K,L,B,Hc*(2ck+cv)): of the communication's products (empty without communication), d_read (L,K,B,Hi*dv): of
