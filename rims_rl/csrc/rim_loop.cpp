@@ -977,6 +977,13 @@ Tensor unit_mm(bool fused, const Tensor& bias, const Tensor& a, const Tensor& w,
 // the whole sequence's projections (39 MB at batch 8 in benchmark (b), ~15 ms). At step t, unit k and sample b use
 // the Hi rows proj[h, t, b, k, :]. (ATen operators on this layout: by_head_rows, below.)
 
+// Both kernels walk step t's projection in its memory order: head by head, and within a head its B*K rows of X
+// numbers, one contiguous block (38 KB at Atari's sizes with batch 4), split among the intra-op threads as for_rows
+// splits rows. Each output element still sums its terms in the same order (the heads in turn), so the results are
+// those of the unit-by-unit loops they replace bit for bit. Those jumped between the Hi blocks, and by K*X within
+// each, on one thread: at Atari's sizes (128 steps, batch 4, forward and backward) the two kernels took 6.6 ms under
+// the profiler, now 4.4 ms.
+
 // out[k, b, h] = bias[k, b, h] (or 0) + sum_x v[k, b, x] proj[h, t, b, k, x]: the scores (v the state), and the
 // gradient of the read's weights (v the gates' gradient)
 template <typename T>
@@ -984,19 +991,20 @@ void proj_dot_cpu(const Tensor& proj, int64_t t, const Tensor& v, const Tensor& 
   const int64_t Hi = proj.size(0), L = proj.size(1), B = proj.size(2), K = proj.size(3), X = proj.size(4);
   const T* P = proj.data_ptr<T>();
   const Rows<T> vr(v), br(bias), o(out);
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t b = 0; b < B; ++b) {
-      const T* x = vr(k, b);
-      T* ob = o(k, b);
-      for (int64_t h = 0; h < Hi; ++h) {
-        const T* row = P + ((h * L + t) * B * K + b * K + k) * X;
+  parallel_ranges(B * K, B * K * Hi * X >= kRowWork, [&](int64_t begin, int64_t end) {
+    for (int64_t h = 0; h < Hi; ++h) {
+      const T* block = P + (h * L + t) * B * K * X;
+      for (int64_t i = begin; i < end; ++i) {  // i = b * K + k
+        const int64_t b = i / K, k = i % K;
+        const T* x = vr(k, b);
+        const T* row = block + i * X;
         T s = 0;
         #pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < X; ++i) s += x[i] * row[i];
-        ob[h] = (br.p ? br(k, b)[h] : T(0)) + s;
+        for (int64_t j = 0; j < X; ++j) s += x[j] * row[j];
+        o(k, b)[h] = (br.p ? br(k, b)[h] : T(0)) + s;
       }
     }
-  }
+  });
 }
 
 // out[k, b, :] = base[k, b, :] + sum_h c[k, b, h] proj[h, t, b, k, :] (out may be base): the gates' input part (c
@@ -1006,21 +1014,28 @@ void proj_combine_cpu(const Tensor& proj, int64_t t, const Tensor& c, const Tens
   const int64_t Hi = proj.size(0), L = proj.size(1), B = proj.size(2), K = proj.size(3), X = proj.size(4);
   const T* P = proj.data_ptr<T>();
   const Rows<T> cr(c), br(base), o(out);
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t b = 0; b < B; ++b) {
-      const T* cb = cr(k, b);
+  parallel_ranges(B * K, B * K * Hi * X >= kRowWork, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / K, k = i % K;
       const T* in = br(k, b);
       T* ob = o(k, b);
-      #pragma omp simd
-      for (int64_t i = 0; i < X; ++i) ob[i] = in[i];
-      for (int64_t h = 0; h < Hi; ++h) {
-        const T* row = P + ((h * L + t) * B * K + b * K + k) * X;
-        const T w = cb[h];
+      if (ob != in) {
         #pragma omp simd
-        for (int64_t i = 0; i < X; ++i) ob[i] += w * row[i];
+        for (int64_t j = 0; j < X; ++j) ob[j] = in[j];
       }
     }
-  }
+    for (int64_t h = 0; h < Hi; ++h) {
+      const T* block = P + (h * L + t) * B * K * X;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / K, k = i % K;
+        const T* row = block + i * X;
+        const T w = cr(k, b)[h];
+        T* ob = o(k, b);
+        #pragma omp simd
+        for (int64_t j = 0; j < X; ++j) ob[j] += w * row[j];
+      }
+    }
+  });
 }
 
 // Step t of a by-head projection (Hi, L, B, K, X) as the (K*B, Hi, X) rows the ATen operators take (a copy of one
