@@ -978,11 +978,13 @@ Tensor unit_mm(bool fused, const Tensor& bias, const Tensor& a, const Tensor& w,
 // the Hi rows proj[h, t, b, k, :]. (ATen operators on this layout: by_head_rows, below.)
 
 // Both kernels walk step t's projection in its memory order: head by head, and within a head its B*K rows of X
-// numbers, one contiguous block (38 KB at Atari's sizes with batch 4), split among the intra-op threads as for_rows
-// splits rows. Each output element still sums its terms in the same order (the heads in turn), so the results are
-// those of the unit-by-unit loops they replace bit for bit. Those jumped between the Hi blocks, and by K*X within
-// each, on one thread: at Atari's sizes (128 steps, batch 4, forward and backward) the two kernels took 6.6 ms under
-// the profiler, now 4.4 ms.
+// numbers, one contiguous block (38 KB at Atari's sizes with batch 4), split among the intra-op threads where a step
+// reads kStreamWork numbers or more (the projected gates from batch 4 on at Atari's sizes; against the same kernels
+// on one thread, the threads' gain or loss at batches 2 to 8 was within this machine's noise, 3%). Each output
+// element still sums its terms in the same order (the heads in turn), so the results are those of the unit-by-unit
+// loops they replace bit for bit. Those jumped between the Hi blocks, and by K*X within each: at Atari's sizes (128
+// steps, batch 4, forward and backward) the two kernels took 7.3% of the profiled time, now 5-6% (three runs).
+constexpr int64_t kStreamWork = 32768;
 
 // out[k, b, h] = bias[k, b, h] (or 0) + sum_x v[k, b, x] proj[h, t, b, k, x]: the scores (v the state), and the
 // gradient of the read's weights (v the gates' gradient)
@@ -991,7 +993,7 @@ void proj_dot_cpu(const Tensor& proj, int64_t t, const Tensor& v, const Tensor& 
   const int64_t Hi = proj.size(0), L = proj.size(1), B = proj.size(2), K = proj.size(3), X = proj.size(4);
   const T* P = proj.data_ptr<T>();
   const Rows<T> vr(v), br(bias), o(out);
-  parallel_ranges(B * K, B * K * Hi * X >= kRowWork, [&](int64_t begin, int64_t end) {
+  parallel_ranges(B * K, B * K * Hi * X >= kStreamWork, [&](int64_t begin, int64_t end) {
     for (int64_t h = 0; h < Hi; ++h) {
       const T* block = P + (h * L + t) * B * K * X;
       for (int64_t i = begin; i < end; ++i) {  // i = b * K + k
@@ -1014,7 +1016,7 @@ void proj_combine_cpu(const Tensor& proj, int64_t t, const Tensor& c, const Tens
   const int64_t Hi = proj.size(0), L = proj.size(1), B = proj.size(2), K = proj.size(3), X = proj.size(4);
   const T* P = proj.data_ptr<T>();
   const Rows<T> cr(c), br(base), o(out);
-  parallel_ranges(B * K, B * K * Hi * X >= kRowWork, [&](int64_t begin, int64_t end) {
+  parallel_ranges(B * K, B * K * Hi * X >= kStreamWork, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / K, k = i % K;
       const T* in = br(k, b);
