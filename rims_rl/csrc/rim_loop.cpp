@@ -722,15 +722,15 @@ void attend_backward_cpu(const Tensor& d_read, const Tensor& values_t, const Ten
   } while (0)
 
 // ---- The per-step weight products, fused path ----
-// Each step multiplies a few rows per unit (the batch: 2 sequences in an Atari PPO minibatch, 8 environments in a
-// rollout) by that unit's weights, (K, M, N) x (K, N, P) with M small. ATen's bmm is then bound by reading the weights,
-// and reads them at about half the rate a plain loop can: unit_mm streams each weight row once per block of rows of the
-// batch (8 rows, or 4 without AVX-512's registers: kRowBlock, below; one or two rows read wider strips of each
-// weight row: kFewRowVectors), with the sums in registers (32-byte vectors of
-// the compiler's vector extension: AVX where the build has it, two SSE halves otherwise), over the intra-op threads
-// (parallel_ranges, above). Each output is bias + sum over n in order n = 0, 1, ... (a fused multiply-add each, where
-// the build has FMA): not ATen's (MKL's) order, so its values differ from bmm's by rounding (the tests bound the
-// difference, and compare unit_mm with bmm directly).
+// Each step multiplies a few rows per unit (the batch: 3 to 7 sequences in an Atari PPO minibatch, 8 environments in
+// a rollout) by that unit's weights, (K, M, N) x (K, N, P) with M small. ATen's bmm is then bound by reading the
+// weights, and reads them at about half the rate a plain loop can: unit_mm streams each weight row once per block of
+// rows of the batch (8 rows, or 4 without AVX-512's registers: kRowBlock, below; one or two rows read wider strips
+// of each weight row: kFewRowVectors), with the sums in registers (32-byte vectors of the compiler's vector
+// extension: AVX where the build has it, two SSE halves otherwise), over the intra-op threads (parallel_ranges,
+// above). Each output is bias + sum over n in order n = 0, 1, ... (a fused multiply-add each, where the build has
+// FMA): not ATen's (MKL's) order, so its values differ from bmm's by rounding (the tests bound the difference, and
+// compare unit_mm with bmm directly).
 #if defined(__GNUC__)
 #define RIM_UNIT_MM 1
 #else
