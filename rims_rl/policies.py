@@ -23,7 +23,8 @@ through ``nn.LSTM`` in one call instead of sb3-contrib's per-step loop (same res
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import torch as th
 from gymnasium import spaces
@@ -47,12 +48,96 @@ __all__ = [
     "CnnLstmPolicy",
     "MlpLstmPolicy",
     "MultiInputLstmPolicy",
+    "PackedSequences",
     "RIMCnnPolicy",
     "RIMMultiInputPolicy",
     "RIMPolicy",
+    "pack_sequences",
 ]
 
 INPUT_SETS = ("vector", "grid")
+
+
+class PackedSequences(NamedTuple):
+    """Where :func:`pack_sequences` put each step of a padded minibatch: ``steps x rows`` slots, time-major."""
+
+    steps: int  # L', the packed call's sequence length
+    rows: int  # B', its batch size
+    source: th.Tensor  # (L' * B',) long: the padded position (sequence-major, n_seq * L) each slot reads (0 if empty)
+    first: th.Tensor  # (n_seq,) long: the slot of each sequence's first step
+    unpack: th.Tensor  # (n_seq * L,) long: the slot of each padded position; L' * B' (an extra zero row) at padding
+
+
+PACKING_STEP_COST = 1.6
+"""A RIM step's cost that does not grow with the batch, in rows' worth (:func:`pack_sequences`' cost model: a call
+of ``L'`` steps on ``B'`` rows costs ``L' * (PACKING_STEP_COST + B')``). Measured for the forward and backward at
+the Atari sizes (6 units of 100, one 512-vector input): ~17 ms per 128 steps plus ~10.5 ms per row."""
+
+
+def pack_sequences(lengths: list[int], max_length: int) -> PackedSequences:
+    """Pack sequences of the given lengths, padded to ``max_length`` (sb3-contrib's minibatch layout: sequence-major,
+    padding after each sequence's end), into fewer rows: each row runs several sequences one after the other,
+    each from its own initial state (:meth:`RIM.forward <rims_rl.rim.RIM.forward>`'s ``start_states``).
+
+    PPO's recurrent minibatches are cut from the rollout at episode ends and at minibatch boundaries, so their
+    sequences have very different lengths: on Atari (``configs/atari.yaml``) 3-7 sequences padded to 111 steps on
+    average, 1.83x the real samples. A RIM's step costs about the same for any batch that small, so the padding
+    costs nearly its share. Rows are filled first-fit, longest sequence first, up to a row length of at least the
+    longest sequence; the row length is chosen among a few candidates by the cost model of
+    :data:`PACKING_STEP_COST`. Never costlier than the padded call by that model: the padded layout is a candidate.
+    """
+    n_seq = len(lengths)
+    total = sum(lengths)
+    longest = max(lengths)
+    order = sorted(range(n_seq), key=lambda i: -lengths[i])  # longest first (a stable sort: ties in order)
+    best: tuple[float, int, list[list[int]]] | None = None
+    for capacity in sorted({max(longest, math.ceil(total / k)) for k in range(1, n_seq + 1)}):
+        bins: list[list[int]] = []
+        fill: list[int] = []
+        for i in order:
+            row = next((r for r in range(len(bins)) if fill[r] + lengths[i] <= capacity), None)
+            if row is None:
+                bins.append([])
+                fill.append(0)
+                row = len(bins) - 1
+            bins[row].append(i)
+            fill[row] += lengths[i]
+        cost = max(fill) * (PACKING_STEP_COST + len(bins))
+        if best is None or cost < best[0]:
+            best = (cost, max(fill), bins)
+    assert best is not None
+    _, steps, bins = best
+    rows = len(bins)
+    source = th.zeros(steps * rows, dtype=th.long)
+    first = th.zeros(n_seq, dtype=th.long)
+    unpack = th.full((n_seq * max_length,), steps * rows, dtype=th.long)
+    for row, sequences in enumerate(bins):
+        offset = 0
+        for i in sequences:
+            t = th.arange(lengths[i])
+            slots = (offset + t) * rows + row
+            source[slots] = i * max_length + t
+            unpack[i * max_length + t] = slots
+            first[i] = offset * rows + row
+            offset += lengths[i]
+    return PackedSequences(steps, rows, source, first, unpack)
+
+
+def _packing_for(mask: th.Tensor | None, n_seq: int, n_padded: int) -> PackedSequences | None:
+    """The packing of a minibatch whose padding ``mask`` (True at samples, ``(n_seq * L,)``) has its padding after
+    each sequence's end, where it saves work; otherwise None."""
+    if mask is None or mask.shape[0] != n_padded or n_padded % n_seq:
+        return None
+    max_length = n_padded // n_seq
+    mask = mask.view(n_seq, max_length)
+    lengths = mask.sum(1)
+    at_end = mask == (th.arange(max_length, device=mask.device) < lengths.unsqueeze(1))
+    if not bool(lengths.all()) or not bool(at_end.all()):
+        return None
+    packing = pack_sequences(lengths.tolist(), max_length)
+    if packing.rows == n_seq and packing.steps == max_length:
+        return None
+    return packing
 
 
 class _SharedCriticGradMixin:
@@ -311,19 +396,68 @@ class RIMPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
         ]
         return [self._sequence_result(call[0], *out) for call, out in zip(calls, run_together(calls), strict=True)]
 
+    def evaluate_actions(self, obs, actions, lstm_states, episode_starts):  # type: ignore[no-untyped-def]
+        """sb3-contrib's, on the training minibatch's sequences packed into fewer rows where the algorithm set
+        :attr:`padding_mask` (:func:`pack_sequences`; the same results up to rounding, as the tests check)."""
+        self._packing = None
+        if self.pack_sequences and not any(s.requires_grad for s in lstm_states.pi + lstm_states.vf):
+            self._packing = _packing_for(self.padding_mask, lstm_states.pi[0].shape[1], episode_starts.shape[0])
+        try:
+            return super().evaluate_actions(obs, actions, lstm_states, episode_starts)
+        finally:
+            self._packing = None
+
+    pack_sequences = True
+    """Whether :meth:`evaluate_actions` packs a padded minibatch's sequences into fewer rows (:func:`pack_sequences`);
+    measured on DemonAttack's RecurrentPPO updates (``configs/atari.yaml``): README, "Performance"."""
+    _packing: PackedSequences | None = None
+
     def _sequence_call(
         self, features: th.Tensor, lstm_states: tuple[th.Tensor, th.Tensor], episode_starts: th.Tensor, lstm: RIM
-    ) -> tuple[RIM, th.Tensor, tuple[th.Tensor, th.Tensor], th.Tensor]:
-        """The RIM call for padded sequences: ``(rim, input (L, n_seq, N, D), state, episode_starts (L, n_seq))``."""
+    ) -> tuple[Any, ...]:
+        """The RIM call for padded sequences: ``(rim, input (L, n_seq, N, D), state, episode_starts (L, n_seq))``,
+        or for their packing (:attr:`_packing`, set by :meth:`evaluate_actions`): ``(rim, input (L', B', N, D),
+        None, episode_starts (L', B'), start_states)``, every sequence's first step a reset to its initial state."""
         n_seq = lstm_states[0].shape[1]
-        x = features.reshape(n_seq, -1, self.input_set_size, lstm.input_size).transpose(0, 1)
-        starts = episode_starts.reshape(n_seq, -1).transpose(0, 1)
-        return lstm, x, (lstm_states[0][0], lstm_states[1][0]), starts
+        packing = self._packing
+        if packing is None:
+            x = features.reshape(n_seq, -1, self.input_set_size, lstm.input_size).transpose(0, 1)
+            starts = episode_starts.reshape(n_seq, -1).transpose(0, 1)
+            return lstm, x, (lstm_states[0][0], lstm_states[1][0]), starts
+        shape = (packing.steps, packing.rows)
+        source, first = packing.source.to(features.device), packing.first.to(features.device)
+        x = features.index_select(0, source).view(*shape, self.input_set_size, lstm.input_size)
+        starts = episode_starts.index_select(0, source)
+        sequence_starts = episode_starts.view(n_seq, -1)[:, 0]
+        starts[first] = 1.0  # every sequence starts with a reset: to zero where its episode starts, else its state
+        carried = (1.0 - sequence_starts).to(features.dtype).unsqueeze(1)
+        start_states = []
+        for state in lstm_states:
+            start = state.new_zeros(shape[0] * shape[1], lstm.hidden_size)
+            start[first] = state[0] * carried
+            start_states.append(start.view(*shape, -1))
+        return lstm, x, None, starts.view(shape), tuple(start_states)
 
     def _sequence_result(
         self, lstm: RIM, output: th.Tensor, state: tuple[th.Tensor, th.Tensor], info: RIMInfo
-    ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor]]:
-        """A RIM call's results in sb3-contrib's layout (and the actor's :class:`RIMInfo` kept for logging)."""
+    ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor] | None]:
+        """A RIM call's results in sb3-contrib's layout (and the actor's :class:`RIMInfo` kept for logging); for a
+        packed call (:meth:`_sequence_call`), the outputs and the info back in the padded layout (zeros at the
+        padding) and no final state (the state after each sequence is not kept; ``evaluate_actions`` needs none)."""
+        packing = self._packing
+        if packing is not None:
+            unpack = packing.unpack.to(output.device)
+
+            def unpacked(x: th.Tensor) -> th.Tensor:
+                rows = x.reshape(packing.steps * packing.rows, -1)
+                return th.cat([rows, rows.new_zeros(1, rows.shape[1])]).index_select(0, unpack)
+
+            if lstm is self.rim_actor:  # (L, n_seq, ...) as from a padded call
+                n_seq = len(packing.first)
+                self.rim_info = RIMInfo(
+                    *(unpacked(x).view(n_seq, -1, *x.shape[2:]).transpose(0, 1) for x in info)  # type: ignore[arg-type]
+                )
+            return unpacked(output), None
         if lstm is self.rim_actor:
             self.rim_info = info
         h, c = state

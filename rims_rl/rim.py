@@ -116,6 +116,11 @@ class RIM(nn.Module):
           columns ``k * H : (k + 1) * H``. For ``cell="gru"`` the cell state is unused (``c_n`` is zeros).
         * **episode_starts**: optional ``(L, B)``; where non-zero, the state of that sample is reset to zero
           before the step (the convention of sb3-contrib's recurrent policies).
+        * **start_states**: optional pair ``(h, c)``, each ``(L, B, K * H)``; where ``episode_starts`` is set, the
+          sample's state is reset to its row of these instead of zero (ignored elsewhere). With it, one row of the
+          batch can run several sequences one after the other, each from its own initial state (the policies pack
+          PPO's padded minibatches this way: :func:`rims_rl.policies.pack_sequences`). No gradient flows into them:
+          they must not require one.
 
     Outputs: ``output``, ``(h_n, c_n)``, ``info``
         * **output**: ``(L, B, K * H)``, the hidden state of all units after each step.
@@ -338,13 +343,18 @@ class RIM(nn.Module):
         input: Tensor,
         state: tuple[Tensor, Tensor] | None = None,
         episode_starts: Tensor | None = None,
+        start_states: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor], RIMInfo]:
-        output, state, mask, attention = rim_fast.sequence(self, input, state, episode_starts)
+        output, state, mask, attention = rim_fast.sequence(self, input, state, episode_starts, start_states)
         return output, state, RIMInfo(mask, attention)
 
 
 def reference_forward(
-    rim: RIM, input: Tensor, state: tuple[Tensor, Tensor] | None = None, episode_starts: Tensor | None = None
+    rim: RIM,
+    input: Tensor,
+    state: tuple[Tensor, Tensor] | None = None,
+    episode_starts: Tensor | None = None,
+    start_states: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor], RIMInfo]:
     """What :meth:`RIM.forward` computes, as a plain loop of :meth:`RIM.step` under autograd (slow; the reference).
 
@@ -361,6 +371,8 @@ def reference_forward(
         if episode_starts is not None:  # sb3-contrib's convention: the state is zeroed at an episode's first step
             keep = (1.0 - episode_starts.reshape(L, B)[t].to(x.dtype)).view(B, 1, 1)
             h, c = h * keep, c * keep
+            if start_states is not None:
+                h, c = (s + (1.0 - keep) * new[t].view(B, K, H) for s, new in zip((h, c), start_states, strict=True))
         h, c, active, attention = rim.step(x[t], h, c)
         outputs.append(h.reshape(B, K * H))
         masks.append(active)
@@ -370,13 +382,12 @@ def reference_forward(
     return torch.stack(outputs), (h.reshape(B, K * H), c_n), info
 
 
-def run_together(
-    calls: Sequence[tuple[RIM, Tensor, tuple[Tensor, Tensor] | None, Tensor | None]],
-) -> list[tuple[Tensor, tuple[Tensor, Tensor], RIMInfo]]:
-    """``[rim(input, state, episode_starts) for rim, input, state, episode_starts in calls]``, with the same
-    results. With ``rims_rl.rim_fast.PARALLEL_LOOPS = True``, the RIMs' C++ loops run at once on two threads
-    (without the GIL), forward and backward, each on one core; off by default, as one after the other measured
-    faster in RecurrentPPO on 2 cores once a step's small operations were fused (:data:`rim_fast.PARALLEL_LOOPS`)."""
+def run_together(calls: Sequence[rim_fast.Call]) -> list[tuple[Tensor, tuple[Tensor, Tensor], RIMInfo]]:
+    """``[rim(*args) for rim, *args in calls]`` (``args``: ``input, state, episode_starts`` and optionally
+    ``start_states``), with the same results. With ``rims_rl.rim_fast.PARALLEL_LOOPS = True``, the RIMs' C++
+    loops run at once on two threads (without the GIL), forward and backward, each on one core; off by default,
+    as one after the other measured faster in RecurrentPPO on 2 cores once a step's small operations were fused
+    (:data:`rim_fast.PARALLEL_LOOPS`)."""
     results = rim_fast.run_together(calls)
     return [(output, state, RIMInfo(mask, attention)) for output, state, mask, attention in results]
 

@@ -46,9 +46,15 @@ Result = tuple[Tensor, tuple[Tensor, Tensor], Tensor, Tensor]
 """``output (L, B, K*H)``, ``(h_n, c_n)``, activation mask ``(L, B, K)``, input attention ``(L, B, K, N+1)``."""
 
 
-def sequence(rim: RIM, input: Tensor, state: tuple[Tensor, Tensor] | None, episode_starts: Tensor | None) -> Result:
+def sequence(
+    rim: RIM,
+    input: Tensor,
+    state: tuple[Tensor, Tensor] | None,
+    episode_starts: Tensor | None,
+    start_states: tuple[Tensor, Tensor] | None = None,
+) -> Result:
     """:meth:`RIM.forward <rims_rl.rim.RIM.forward>`'s results (its docstring), the mask and attention unpacked."""
-    return _run(rim, _prepare(rim, input, state, episode_starts))
+    return _run(rim, _prepare(rim, input, state, episode_starts, start_states))
 
 
 def select_winners(on_input: Tensor, log_odds: Tensor, k_active: int, dim: int) -> Tensor:
@@ -77,7 +83,13 @@ def _run(rim: RIM, call: _Call) -> Result:
     return _finish(rim, call, *loop)
 
 
-def _prepare(rim: RIM, input: Tensor, state: tuple[Tensor, Tensor] | None, episode_starts: Tensor | None) -> _Call:
+def _prepare(
+    rim: RIM,
+    input: Tensor,
+    state: tuple[Tensor, Tensor] | None,
+    episode_starts: Tensor | None,
+    start_states: tuple[Tensor, Tensor] | None = None,
+) -> _Call:
     """Check the arguments and do the step-independent work (see :meth:`RIM.forward <rims_rl.rim.RIM.forward>`)."""
     x = input
     if x.dim() == 3:
@@ -104,6 +116,7 @@ def _prepare(rim: RIM, input: Tensor, state: tuple[Tensor, Tensor] | None, episo
     keep = None
     if episode_starts is not None:
         keep = (1.0 - episode_starts.reshape(L, B).to(x.dtype)).view(L, 1, B, 1)
+    starts = _start_states(rim, start_states, keep, L, B)
 
     # ---- Step-independent work, once for the whole sequence (§2.3: keys and values of the input set) -----
     Hi, dk = rim.input_heads, rim.input_key_size
@@ -151,11 +164,31 @@ def _prepare(rim: RIM, input: Tensor, state: tuple[Tensor, Tensor] | None, episo
     cfg = _LoopConfig(
         mode=loop_mode, cell=rim.cell, k_active=rim.k_active, dropout=masks, heads=Hi, key_size=loop_dk,
         comm_heads=rim.comm_heads, comm_key_size=rim.comm_key_size, comm_value_size=rim.comm_value_size,
-        communication=rim.communication, dropped=dropped,
+        communication=rim.communication, dropped=dropped, start_states=starts,
     )  # fmt: skip
     if loop_mode in ("vector", "projected") and not dropped and _native() is not None:
         cfg = cfg._replace(native=True)
     return _Call(cfg, keys, values, gates_x, h0, c0, keep, weights, x, mode)
+
+
+def _start_states(
+    rim: RIM, start_states: tuple[Tensor, Tensor] | None, keep: Tensor | None, L: int, B: int
+) -> tuple[Tensor, Tensor | None] | None:
+    """``start_states`` (see :meth:`RIM.forward <rims_rl.rim.RIM.forward>`) in the loop's layout ``(L, K, B, H)``,
+    zero where no sample resets (so a reset step computes ``h * keep + start``, and the others are unchanged)."""
+    if start_states is None:
+        return None
+    K, H = rim.num_units, rim.unit_size
+    if keep is None:
+        raise ValueError("start_states needs episode_starts: they are the states the samples take where it is set")
+    if len(start_states) != 2 or any(s.shape != (L, B, K * H) for s in start_states):
+        shapes = [tuple(s.shape) for s in start_states]
+        raise ValueError(f"start_states must be a pair of (L, B, K*H) = ({L}, {B}, {K * H}) tensors, got {shapes}")
+    if torch.is_grad_enabled() and any(s.requires_grad for s in start_states):
+        raise ValueError("start_states take no gradient: pass them detached (or run under torch.no_grad())")
+    reset = 1.0 - keep  # (L, 1, B, 1)
+    h, c = (s.reshape(L, B, K, H).transpose(1, 2) * reset for s in start_states)
+    return h, c if rim.cell == "lstm" else None
 
 
 def _finish(
@@ -215,6 +248,7 @@ class _LoopConfig(NamedTuple):
     comm_value_size: int
     communication: bool
     dropped: tuple[int, ...] = ()  # test-time ablation (no-grad path only): never active, state zero
+    start_states: tuple[Tensor, Tensor | None] | None = None  # the states reset samples take (_start_states)
     native: bool = False  # the loop runs in C++ (_native_forward, _native_backward)
 
 
@@ -409,7 +443,7 @@ def _run_loop(
     zero = h.new_zeros(())  # the ignored addend of baddbmm(beta=0)
     outputs, masks, attentions = [], [], []
     for t in range(L):
-        h, c, rec = _start_step(t, h, c, keep if reset_steps[t] else None, tape, lstm)
+        h, c, rec = _start_step(t, h, c, keep if reset_steps[t] else None, tape, lstm, cfg.start_states)
 
         # ---- 1-2. Input attention and selection (§2.3) ----------------------------------------------------------
         q = gx = gh = None
@@ -456,15 +490,22 @@ def _run_loop(
 
 
 def _start_step(
-    t: int, h: Tensor, c: Tensor | None, keep: Tensor | None, tape: _Tape | None, lstm: bool
+    t: int,
+    h: Tensor,
+    c: Tensor | None,
+    keep: Tensor | None,
+    tape: _Tape | None,
+    lstm: bool,
+    start: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
     """Step ``t``'s state after episode starts (``keep``, given when some sequence restarts at ``t``: sb3-contrib's
-    convention, the state is zeroed before the first step of an episode) and its record for the backward pass."""
+    convention, the state is zeroed before the first step of an episode, or set to its row of the ``start`` states)
+    and its record for the backward pass."""
     rec: dict[str, Any] = {}
     if keep is not None:
-        h = h * keep[t]
+        h = h * keep[t] if start is None else torch.addcmul(start[0][t], h, keep[t])
         if c is not None:
-            c = c * keep[t]
+            c = c * keep[t] if start is None or start[1] is None else torch.addcmul(start[1][t], c, keep[t])
         rec["reset"] = True
     if tape is not None:
         tape.h_in[:, t].copy_(h)
@@ -1151,7 +1192,8 @@ def _native_forward(
     lstm = cfg.cell == "lstm"
     reset_steps = (keep != 1).flatten(1).any(1).tolist() if keep is not None else [False] * L
     out = _native().forward(  # type: ignore[union-attr]
-        keys, values, h, c, keep, reset_steps, *weights, *(proj[:] if proj is not None else (None,) * 4), *cfg.dropout,
+        keys, values, h, c, keep, reset_steps, *(cfg.start_states or (None, None)), *weights,
+        *(proj[:] if proj is not None else (None,) * 4), *cfg.dropout,
         cfg.k_active, cfg.comm_heads, cfg.comm_key_size,
         cfg.comm_value_size, lstm, cfg.communication, record, L > 1, FUSED_KERNELS,
         threads,
@@ -1212,13 +1254,20 @@ def _pool() -> ThreadPoolExecutor:
     return _pool_state["pool"]
 
 
-def run_together(calls: Sequence[tuple[RIM, Tensor, tuple[Tensor, Tensor] | None, Tensor | None]]) -> list[Result]:
-    """``[rim(input, state, episode_starts) for rim, input, state, episode_starts in calls]``, with the same
-    results. With :data:`PARALLEL_LOOPS` (off by default: see there), the RIMs' loops run at once on two threads,
-    forward and backward, where every one of them takes the C++ loop (which runs without the GIL) and torch may
-    use more than one thread (``torch.get_num_threads()``), each loop's operators on one thread; otherwise the
-    calls run one after the other."""
-    prepared = [_prepare(rim, x, state, starts) for rim, x, state, starts in calls]
+Call = (
+    tuple[RIM, Tensor, tuple[Tensor, Tensor] | None, Tensor | None]
+    | tuple[RIM, Tensor, tuple[Tensor, Tensor] | None, Tensor | None, tuple[Tensor, Tensor] | None]
+)
+"""``(rim, input, state, episode_starts)``, or with ``start_states`` after them: the arguments of one RIM call."""
+
+
+def run_together(calls: Sequence[Call]) -> list[Result]:
+    """``[rim(*args) for rim, *args in calls]`` (``args``: ``input, state, episode_starts`` and optionally
+    ``start_states``), with the same results. With :data:`PARALLEL_LOOPS` (off by default: see there), the RIMs'
+    loops run at once on two threads, forward and backward, where every one of them takes the C++ loop (which
+    runs without the GIL) and torch may use more than one thread (``torch.get_num_threads()``), each loop's
+    operators on one thread; otherwise the calls run one after the other."""
+    prepared = [_prepare(*call) for call in calls]
     parallel = PARALLEL_LOOPS and len(prepared) > 1 and torch.get_num_threads() > 1
     if not parallel or not all(c.cfg.native for c in prepared):
         return [_run(rim, c) for (rim, *_), c in zip(calls, prepared, strict=False)]

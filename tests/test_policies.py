@@ -12,11 +12,19 @@ from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.torch_layers import NatureCNN
 
-import rims_rl.envs  # noqa: F401 - registers the NoVel ids
+import rims_rl.envs  # registers the NoVel ids
+import rims_rl.rim_fast
 from rims_rl import RIM
 from rims_rl.agents.ppo import RecurrentPPO
 from rims_rl.extractors import NatureCNNGrid
-from rims_rl.policies import MlpLstmPolicy, RIMCnnPolicy, RIMMultiInputPolicy, RIMPolicy
+from rims_rl.policies import (
+    PACKING_STEP_COST,
+    MlpLstmPolicy,
+    RIMCnnPolicy,
+    RIMMultiInputPolicy,
+    RIMPolicy,
+    pack_sequences,
+)
 
 SMALL_RIM = dict(num_units=4, unit_size=8, k_active=2, rim_kwargs=dict(input_key_size=8, comm_key_size=8, dropout=0.0))
 
@@ -72,6 +80,68 @@ def test_training_sequences_reproduce_the_rollout_step_by_step():
         )
     th.testing.assert_close(logp.view(n_seq, L), th.stack(step_logp, 1), atol=1e-5, rtol=1e-5)
     th.testing.assert_close(values.view(n_seq, L), th.stack(step_values, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "lengths", [[128, 20, 64, 44], [5, 1, 3], [7, 7], [61, 33, 95, 37, 30, 5, 128], [9]], ids=lambda x: str(len(x))
+)
+def test_packing_puts_every_step_in_one_slot_in_order(lengths):
+    """:func:`pack_sequences`: each sequence's steps fill consecutive slots of one row, in order, no slot is
+    shared, ``unpack`` inverts ``source``, and the packed call costs no more than the padded one by the model."""
+    L, n_seq = max(lengths), len(lengths)
+    packing = pack_sequences(lengths, L)
+    steps, rows = packing.steps, packing.rows
+    assert steps >= L and rows <= n_seq
+    assert steps * (PACKING_STEP_COST + rows) <= L * (PACKING_STEP_COST + n_seq)
+    used = set()
+    for i, n in enumerate(lengths):
+        slots = packing.unpack[i * L : i * L + n]
+        first = int(packing.first[i])
+        assert slots.tolist() == [first + t * rows for t in range(n)]  # one row, consecutive steps
+        assert (packing.source[slots] == i * L + th.arange(n)).all()
+        assert (packing.unpack[i * L + n : (i + 1) * L] == steps * rows).all()  # padding: the zero row
+        used |= set(slots.tolist())
+    assert len(used) == sum(lengths) and max(used) < steps * rows
+
+
+@pytest.mark.parametrize("critic", ["enable_critic_rim", "shared_rim"])
+def test_packed_training_minibatch_gives_the_padded_evaluation(critic, monkeypatch):
+    """``evaluate_actions`` on a compact minibatch (:attr:`padding_mask` set, as the project's RecurrentPPO does)
+    packs its sequences into fewer rows: the values, log-probabilities, entropies, activations and gradients at
+    the samples are those of the padded call (float32 rounding); with the actor's and critic's RIMs too."""
+    kwargs = dict(SMALL_RIM, enable_critic_rim=critic == "enable_critic_rim", shared_rim=critic == "shared_rim")
+    policy = make_policy(**kwargs)
+    g = th.Generator().manual_seed(1)
+    lengths, L = [9, 2, 5, 3, 6, 1], 9
+    n_seq = len(lengths)
+    mask = (th.arange(L) < th.tensor(lengths).unsqueeze(1)).reshape(-1)
+    obs = th.randn(int(mask.sum()), 4, generator=g)  # unpadded, as the compact buffers give them
+    actions = th.randint(0, 3, (n_seq * L,), generator=g)
+    starts = th.zeros(n_seq, L)
+    starts[::2, 0] = 1  # every other sequence starts an episode, the others carry a state
+    states = tuple(th.randn(1, n_seq, policy.lstm_output_dim, generator=g) * 0.5 for _ in range(4))
+    states = RNNStates(states[:2], states[2:])
+    results, batches = [], []
+    prepare = rims_rl.rim_fast._prepare
+    monkeypatch.setattr(
+        rims_rl.rim_fast, "_prepare", lambda rim, x, *a: batches.append(x.shape[:2]) or prepare(rim, x, *a)
+    )
+    for pack in (False, True):
+        policy.pack_sequences = pack
+        policy.padding_mask = mask
+        policy.zero_grad()
+        values, logp, entropy = policy.evaluate_actions(obs, actions, states, starts.reshape(-1))
+        (values.flatten()[mask].sum() + logp[mask].sin().sum() + entropy[mask].sum()).backward()
+        info = policy.rim_info
+        seen = [x.transpose(0, 1).reshape(n_seq * L, -1)[mask] for x in info]
+        grads = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+        results.append([values.flatten()[mask], logp[mask], entropy[mask], *seen, *grads])
+    policy.padding_mask = None
+    calls = 2 if critic == "enable_critic_rim" else 1  # (the actor's and the critic's RIM)
+    assert batches == [(9, 6)] * calls + [(9, 3)] * calls  # 9 | 6 + 3 | 5 + 2 + 1: the padded 54 steps in 27
+    assert len(results[0]) == len(results[1])
+    for padded, packed in zip(*results, strict=True):
+        th.testing.assert_close(packed, padded, atol=2e-5, rtol=1e-4)
 
 
 def test_policy_exposes_the_actor_rims_activations_of_the_last_forward():

@@ -290,6 +290,77 @@ def test_episode_start_resets_the_state_to_zero():
     torch.testing.assert_close(out[2:], fresh)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("n_elements", [1, 3])
+def test_start_states_run_several_sequences_one_after_the_other_in_one_row(cell, n_elements, monkeypatch):
+    """``start_states``: sequences packed into the rows of one call, each reset to its own initial state at its
+    first step, give the outputs, final states and gradients of running each alone (float64, to rounding: the
+    batch's products differ in size); with ``run_together``'s two threads too. The policies pack PPO minibatches
+    this way (``test_policies.py``)."""
+    monkeypatch.setattr(rims_rl.rim_fast, "PARALLEL_LOOPS", True)
+    rim = make_rim(cell=cell)
+    lengths = [(4, 2), (2, 2, 2), (6,)]  # the sequences in each row, one after the other
+    g = torch.Generator().manual_seed(5)
+    seqs = [[torch.randn(n, 1, n_elements, D, generator=g, dtype=torch.double) for n in row] for row in lengths]
+    inits = [
+        [tuple(torch.randn(1, K * H, generator=g, dtype=torch.double) for _ in "hc") for _ in row] for row in lengths
+    ]
+    weights = list(rim.parameters())
+
+    def gradients(outputs):
+        loss = sum((o.sin() * (i + 1)).sum() for i, o in enumerate(outputs))
+        return torch.autograd.grad(loss, weights + [x for row in seqs for x in row])
+
+    alone = [
+        rim(x.requires_grad_(), init)
+        for row, inits_ in zip(seqs, inits, strict=True)
+        for x, init in zip(row, inits_, strict=True)
+    ]
+    expected = [o for o, _, _ in alone]
+    expected_grads = gradients(expected)
+    L, B = 6, len(lengths)
+    starts = torch.zeros(L, B, dtype=torch.double)
+    start_states = tuple(torch.zeros(L, B, K * H, dtype=torch.double) for _ in "hc")
+    for b, row in enumerate(lengths):
+        for i, t in enumerate(itertools.accumulate((0, *row[:-1]))):
+            starts[t, b] = 1.0
+            for s, init in zip(start_states, inits[b][i], strict=True):
+                s[t, b] = init[0]
+    x = torch.cat([torch.cat(row) for row in seqs], dim=1)  # (6, 3, N, D): each row's sequences end to end
+    for together in (False, True):
+        call = (rim, x, None, starts, start_states)
+        out, (h, c), _ = rims_rl.rim.run_together([call, call])[0] if together else rim(*call[1:])
+        packed = [
+            out[t : t + n, b : b + 1]
+            for b, row in enumerate(lengths)
+            for t, n in zip(itertools.accumulate((0, *row[:-1])), row, strict=True)
+        ]
+        for got, want in zip(packed, expected, strict=True):
+            torch.testing.assert_close(got, want)
+        last = [alone[i - 1] for i in itertools.accumulate(len(row) for row in lengths)]  # each row's last sequence
+        torch.testing.assert_close(h, torch.cat([s[0] for _, s, _ in last]))
+        if cell == "lstm":
+            torch.testing.assert_close(c, torch.cat([s[1] for _, s, _ in last]))
+        for got, want in zip(gradients(packed), expected_grads, strict=True):  # weights' and inputs' gradients
+            torch.testing.assert_close(got, want)
+        with torch.no_grad():
+            torch.testing.assert_close(rim(*call[1:])[0], out)
+            torch.testing.assert_close(reference_forward(*call)[0], out)
+
+
+def test_start_states_are_checked():
+    rim = make_rim()
+    x, _, _ = random_inputs(L=3)
+    starts = torch.zeros(3, 4)
+    states = tuple(torch.zeros(3, 4, K * H, dtype=torch.double) for _ in "hc")
+    with pytest.raises(ValueError, match="needs episode_starts"):
+        rim(x, None, None, states)
+    with pytest.raises(ValueError, match=r"pair of \(L, B, K\*H\)"):
+        rim(x, None, starts, (states[0][:2], states[1]))
+    with pytest.raises(ValueError, match="take no gradient"):
+        rim(x, None, starts, (states[0].requires_grad_(), states[1]))
+
+
 def test_gru_has_no_cell_state_and_lstm_does():
     x, h0, c0 = random_inputs()
     _, (_, c), _ = make_rim(cell="gru")(x, (h0, c0))

@@ -1056,8 +1056,11 @@ Tensor by_head_rows(const Tensor& proj, int64_t t) {
 //  aux (L,K,B,H): LSTM tanh(c), GRU W_hn h + b_hn, p (L,K,B,Hi), qkv (L,K,B,Hc*(2ck+cv)), ac_t (L,B*Hc,K,K),
 //  ug (L,K,B,2H) [update | gate]].
 // drop_in (L,K,B,Hi) and drop_c (L,B*Hc,K queries,K keys), where given, are the attention dropout masks.
+// start_h and start_c (L,K,B,H), where given, are the states the samples reset at a step take (zero where they do
+// not reset: rim_fast._start_states); the backward takes no gradient into them.
 std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor h, std::optional<Tensor> c_opt,
                                 const std::optional<Tensor>& keep, const std::vector<bool>& reset_steps,
+                                const std::optional<Tensor>& start_h, const std::optional<Tensor>& start_c,
                                 const Tensor& wq, const Tensor& bq, const Tensor& wih, const Tensor& bih,
                                 const Tensor& whh, const std::optional<Tensor>& bhh,
                                 const std::optional<Tensor>& wqkv, const std::optional<Tensor>& wout,
@@ -1140,8 +1143,9 @@ std::vector<Tensor> rim_forward(const Tensor& keys, const Tensor& values, Tensor
   for (int64_t t = 0; t < L; ++t) {
     if (reset_steps[t]) {  // sb3-contrib's convention: the state is zeroed before the first step of an episode
       const Tensor k = (*keep)[t];
-      h = h * k;
-      if (lstm) c = c * k;
+      // with start states (L, K, B, H), a reset sample takes its row of start_h[t] instead of zeros
+      h = start_h ? at::addcmul((*start_h)[t], h, k) : h * k;
+      if (lstm) c = start_c ? at::addcmul((*start_c)[t], c, k) : c * k;
     }
     if (record && !fused) {  // (the fused cell kernels copy them)
       h_in.select(1, t).copy_(h);
