@@ -13,8 +13,9 @@ Everything else (feature extractors, heads, ``net_arch``, distributions) is sb3-
 Contract with sb3-contrib: the recurrent state is the same ``(h, c)`` pair of shape ``(1, n_envs, K * H)`` that
 its rollout buffer stores, and the RIM is reachable as ``policy.lstm_actor`` (with ``num_layers`` and
 ``hidden_size`` like ``nn.LSTM``), so ``RecurrentPPO`` and ``rims_rl.agents.recurrent_a2c.RecurrentA2C`` work unchanged.
-Each minibatch sequence runs through the RIM in one call; episode starts inside a sequence reset the state at that
-step.
+A minibatch's sequences run through the RIM in one call; episode starts inside a sequence reset the state at that
+step. In training, where the algorithm marks the padding (``padding_mask``: the project's ``RecurrentPPO`` and
+``RecurrentA2C`` do), the sequences are packed into fewer rows first (:func:`pack_sequences`).
 
 The LSTM baselines (``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``) are sb3-contrib's policies with
 two fixes: ``save()``/``load()`` keep the LSTM sizes, and a sequence whose only episode start is its first step runs
@@ -23,7 +24,6 @@ through ``nn.LSTM`` in one call instead of sb3-contrib's per-step loop (same res
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch as th
@@ -68,12 +68,6 @@ class PackedSequences(NamedTuple):
     unpack: th.Tensor  # (n_seq * L,) long: the slot of each padded position; L' * B' (an extra zero row) at padding
 
 
-PACKING_STEP_COST = 1.6
-"""A RIM step's cost that does not grow with the batch, in rows' worth (:func:`pack_sequences`' cost model: a call
-of ``L'`` steps on ``B'`` rows costs ``L' * (PACKING_STEP_COST + B')``). Measured for the forward and backward at
-the Atari sizes (6 units of 100, one 512-vector input): ~17 ms per 128 steps plus ~10.5 ms per row."""
-
-
 def pack_sequences(lengths: list[int], max_length: int) -> PackedSequences:
     """Pack sequences of the given lengths, padded to ``max_length`` (sb3-contrib's minibatch layout: sequence-major,
     padding after each sequence's end), into fewer rows: each row runs several sequences one after the other,
@@ -82,31 +76,21 @@ def pack_sequences(lengths: list[int], max_length: int) -> PackedSequences:
     PPO's recurrent minibatches are cut from the rollout at episode ends and at minibatch boundaries, so their
     sequences have very different lengths: on Atari (``configs/atari.yaml``) 3-7 sequences padded to 111 steps on
     average, 1.83x the real samples. A RIM's step costs about the same for any batch that small, so the padding
-    costs nearly its share. Rows are filled first-fit, longest sequence first, up to a row length of at least the
-    longest sequence; the row length is chosen among a few candidates by the cost model of
-    :data:`PACKING_STEP_COST`. Never costlier than the padded call by that model: the padded layout is a candidate.
+    costs nearly its share. Rows are filled first-fit, longest sequence first, each up to the longest sequence's
+    length: the packed call has as many steps as the padded one and at most as many rows (on the recorded Atari
+    minibatches, 2.7 rows on average instead of 4.3).
     """
     n_seq = len(lengths)
-    total = sum(lengths)
-    longest = max(lengths)
-    order = sorted(range(n_seq), key=lambda i: -lengths[i])  # longest first (a stable sort: ties in order)
-    best: tuple[float, int, list[list[int]]] | None = None
-    for capacity in sorted({max(longest, math.ceil(total / k)) for k in range(1, n_seq + 1)}):
-        bins: list[list[int]] = []
-        fill: list[int] = []
-        for i in order:
-            row = next((r for r in range(len(bins)) if fill[r] + lengths[i] <= capacity), None)
-            if row is None:
-                bins.append([])
-                fill.append(0)
-                row = len(bins) - 1
-            bins[row].append(i)
-            fill[row] += lengths[i]
-        cost = max(fill) * (PACKING_STEP_COST + len(bins))
-        if best is None or cost < best[0]:
-            best = (cost, max(fill), bins)
-    assert best is not None
-    _, steps, bins = best
+    steps = max(lengths)
+    bins: list[list[int]] = []
+    fill: list[int] = []
+    for i in sorted(range(n_seq), key=lambda i: -lengths[i]):  # longest first (a stable sort: ties in order)
+        row = next((r for r in range(len(bins)) if fill[r] + lengths[i] <= steps), len(bins))
+        if row == len(bins):
+            bins.append([])
+            fill.append(0)
+        bins[row].append(i)
+        fill[row] += lengths[i]
     rows = len(bins)
     source = th.zeros(steps * rows, dtype=th.long)
     first = th.zeros(n_seq, dtype=th.long)
@@ -156,6 +140,11 @@ class _SharedCriticGradMixin:
       observations are the unpadded samples, the extractor runs on those only and its features are scattered into
       the padded layout (zeros at padding, which only follows the end of a sequence and is masked from the loss).
     - images go through the CNN in channels-last memory format on CPU (~1.35x faster convolutions there).
+
+    The RIM policies add a third, which changes results only by rounding: with :attr:`padding_mask` set, the RIM
+    runs on the minibatch's sequences packed into fewer rows (:func:`pack_sequences`, ``RIMPolicy.pack_minibatches``).
+    ``nn.LSTM`` has no such input (``pack_padded_sequence`` measured 5x slower than the padded call on the CPU at
+    Atari's shapes), so the LSTM policies run the padded layout.
     """
 
     shared_critic_grad: bool
@@ -400,14 +389,14 @@ class RIMPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
         """sb3-contrib's, on the training minibatch's sequences packed into fewer rows where the algorithm set
         :attr:`padding_mask` (:func:`pack_sequences`; the same results up to rounding, as the tests check)."""
         self._packing = None
-        if self.pack_sequences and not any(s.requires_grad for s in lstm_states.pi + lstm_states.vf):
+        if self.pack_minibatches and not any(s.requires_grad for s in lstm_states.pi + lstm_states.vf):
             self._packing = _packing_for(self.padding_mask, lstm_states.pi[0].shape[1], episode_starts.shape[0])
         try:
             return super().evaluate_actions(obs, actions, lstm_states, episode_starts)
         finally:
             self._packing = None
 
-    pack_sequences = True
+    pack_minibatches = True
     """Whether :meth:`evaluate_actions` packs a padded minibatch's sequences into fewer rows (:func:`pack_sequences`);
     measured on DemonAttack's RecurrentPPO updates (``configs/atari.yaml``): README, "Performance"."""
     _packing: PackedSequences | None = None
