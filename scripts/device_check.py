@@ -5,11 +5,13 @@
 Needs only the README's setup (``make install``; a CUDA build of torch on the GPU machine) and takes a few minutes.
 Prints one table and writes it to ``OUT/device_check.md`` and ``OUT/device_check.json``:
 
-1. **Agreement**: the RIM (6 x 16, k_active 4, a 3-element input set, episode starts inside the sequence) on
-   ``--device`` against the readable reference loop (:func:`rims_rl.rim.reference_forward`) on the CPU: outputs,
-   final states and the gradients of every parameter and of the input, for the LSTM and the GRU cell, through the
-   C++ loop and the Python loop. Passes when every value is within ``--atol`` + ``--rtol`` x the largest reference
-   value of its tensor (float32 kernels of another device sum in another order), and the activation masks agree.
+1. **Agreement**: the RIM (6 x 16, k_active 4, episode starts inside the sequence) on ``--device`` against the
+   readable reference loop (:func:`rims_rl.rim.reference_forward`) on the CPU: outputs, final states and the
+   gradients of every parameter and of the input, for the LSTM and the GRU cell; with one input vector per step
+   through the C++ loop and through the Python loop, one of the resets to a given state (``start_states``, as the
+   policies' packed minibatches), and with a 3-element input set (the Python loop; the C++ loop takes one vector).
+   Passes when every value is within ``--atol`` + ``--rtol`` x the largest reference value of its tensor (float32
+   kernels of another device sum in another order), the activation masks agree and the C++ rows ran the C++ loop.
 2. **Speed**: ``scripts/benchmark_core.py``'s (a) one step, batch 64 and (b) a 128-step sequence, batch 8, forward
    and backward, RIM (512 -> 6 x 100, k_active 4) against ``nn.LSTMCell``/``nn.LSTM(512, 600)`` (cuDNN on a GPU).
 3. **Training**: RecurrentPPO with ``configs/atari.yaml`` on DemonAttack for a few updates with ``--device``, RIM and
@@ -54,38 +56,59 @@ def _compare(name: str, got: torch.Tensor, ref: torch.Tensor, atol: float, rtol:
     return diff, atol + rtol * ref.detach().abs().max().item()
 
 
-def _run_rim(rim: RIM, x: torch.Tensor, starts: torch.Tensor, g: torch.Tensor, reference: bool) -> dict[str, Any]:
+def _run_rim(
+    rim: RIM,
+    x: torch.Tensor,
+    starts: torch.Tensor,
+    start_states: tuple[torch.Tensor, torch.Tensor] | None,
+    g: torch.Tensor,
+    reference: bool,
+) -> dict[str, Any]:
     x = x.clone().requires_grad_(True)
     rim.zero_grad()
     forward = reference_forward if reference else RIM.forward
-    out, (h, c), info = forward(rim, x, None, starts)
+    out, (h, c), info = forward(rim, x, None, starts, start_states)
     ((out * g).sum() + h.sum() + c.sum()).backward()
     grads = {name: p.grad.detach().clone() for name, p in rim.named_parameters() if p.grad is not None}
     return {"output": out, "h": h, "c": c, "mask": info.activation_mask, "grads": grads, "input grad": x.grad}
 
 
 def agreement(device: str, atol: float, rtol: float) -> list[Row]:
-    """Part 1: every (cell, loop) on ``device`` against the reference loop on the CPU."""
+    """Part 1: every (cell, loop, input) on ``device`` against the reference loop on the CPU."""
     rows: list[Row] = []
-    previous = rim_fast.NATIVE_LOOP
+    previous, native_forward = rim_fast.NATIVE_LOOP, rim_fast._native_forward
+    native_calls = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        native_calls.append(1)
+        return native_forward(*args, **kwargs)
+
+    rim_fast._native_forward = counted  # (the C++ rows must have run the C++ loop)
     try:
         for cell in ("lstm", "gru"):
-            torch.manual_seed(0)
-            rim = RIM(24, num_units=6, unit_size=16, k_active=4, cell=cell, dropout=0.0)
-            L, B, N = 20, 5, 3
-            x = torch.randn(L, B, N, 24)
-            starts = torch.zeros(L, B)
-            starts[7, 1] = starts[13, 3] = 1.0
-            g = torch.randn(L, B, 6 * 16)
-            ref = _run_rim(rim, x, starts, g, reference=True)
-            for loop in ("native", "python"):
-                rim_fast.NATIVE_LOOP = loop == "native"
+            for loop, N in (("C++", 1), ("Python", 1), ("Python", 3)):
+                torch.manual_seed(0)
+                rim = RIM(24, num_units=6, unit_size=16, k_active=4, cell=cell, dropout=0.0)
+                L, B = 20, 5
+                x = torch.randn(L, B, N, 24)
+                starts = torch.zeros(L, B)
+                starts[7, 1] = starts[13, 3] = 1.0
+                start_states = None
+                if N == 1:  # sample 1 restarts at step 7 from a given state (sample 3 at 13 from zeros)
+                    start_states = (torch.zeros(L, B, 96), torch.zeros(L, B, 96))
+                    start_states[0][7, 1], start_states[1][7, 1] = torch.randn(2, 96)
+                g = torch.randn(L, B, 6 * 16)
+                ref = _run_rim(rim, x, starts, start_states, g, reference=True)
+                rim_fast.NATIVE_LOOP = loop == "C++"
                 moved = copy.deepcopy(rim).to(device)
+                on = [t.to(device) for t in start_states] if start_states is not None else None
+                native_calls.clear()
                 start = time.perf_counter()
+                what = f"RIM {cell}, {loop} loop, {'one vector' if N == 1 else f'a set of {N}'}"
                 try:
-                    got = _run_rim(moved, x.to(device), starts.to(device), g.to(device), reference=False)
+                    got = _run_rim(moved, x.to(device), starts.to(device), on, g.to(device), reference=False)
                 except RuntimeError as err:  # e.g. the C++ loop cannot be built here
-                    rows.append(_row("agreement", f"RIM {cell}, {loop} loop", False, str(err).splitlines()[0]))
+                    rows.append(_row("agreement", what, False, str(err).splitlines()[0]))
                     continue
                 worst, failed = 0.0, []
                 for key in ("output", "h", "c", "input grad"):
@@ -98,13 +121,16 @@ def agreement(device: str, atol: float, rtol: float) -> list[Row]:
                     failed += [name] if diff > bound else []
                 masks_equal = bool(torch.equal(got["mask"].cpu(), ref["mask"]))
                 failed += [] if masks_equal else ["activation mask"]
+                if (loop == "C++") != bool(native_calls):
+                    failed += [f"the C++ loop {'did not run' if loop == 'C++' else 'ran'}"]
                 figure = f"max |diff| {worst:.1e} over outputs, states, {len(ref['grads']) + 1} gradients"
                 if failed:
                     figure += f"; over the bound: {', '.join(failed[:4])}"
                 detail = f"{figure} ({(time.perf_counter() - start) * 1e3:.0f} ms)"
-                rows.append(_row("agreement", f"RIM {cell}, {loop} loop vs CPU reference", not failed, detail))
+                rows.append(_row("agreement", f"{what} vs CPU reference", not failed, detail))
     finally:
         rim_fast.NATIVE_LOOP = previous
+        rim_fast._native_forward = native_forward
     return rows
 
 

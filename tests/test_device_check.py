@@ -19,9 +19,10 @@ def test_device_check_runs_every_part_on_the_cpu_and_prints_one_table(tmp_path, 
     assert device_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = json.loads((tmp_path / "device_check.json").read_text())["rows"]
-    assert [r["part"] for r in rows].count("agreement") == 4  # LSTM and GRU cells, C++ and Python loops
+    assert [r["part"] for r in rows].count("agreement") == 6  # LSTM and GRU; C++ and Python loops; vector and set
     assert {r["part"] for r in rows} == {"agreement", "speed", "training", "resume"} and all(r["ok"] for r in rows)
-    assert "| agreement | RIM gru, python loop vs CPU reference | ok |" in out
+    assert "| agreement | RIM gru, C++ loop, one vector vs CPU reference | ok |" in out
+    assert "| agreement | RIM lstm, Python loop, a set of 3 vs CPU reference | ok |" in out
     assert (tmp_path / "device_check.md").read_text() in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["device_check.json", "device_check.md"]  # scratch removed
 
