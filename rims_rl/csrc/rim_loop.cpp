@@ -722,7 +722,7 @@ void attend_backward_cpu(const Tensor& d_read, const Tensor& values_t, const Ten
   } while (0)
 
 // ---- The per-step weight products, fused path ----
-// Each step multiplies a few rows per unit (the batch: 3 to 7 sequences in an Atari PPO minibatch, 8 environments in
+// Each step multiplies a few rows per unit (the batch: 2 to 5 packed rows of an Atari PPO minibatch, 8 environments in
 // a rollout) by that unit's weights, (K, M, N) x (K, N, P) with M small. ATen's bmm is then bound by reading the
 // weights, and reads them at about half the rate a plain loop can: unit_mm streams each weight row once per block of
 // rows of the batch (8 rows, or 4 without AVX-512's registers: kRowBlock, below; one or two rows read wider strips
