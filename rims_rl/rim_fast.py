@@ -187,7 +187,7 @@ def _start_states(
     if torch.is_grad_enabled() and any(s.requires_grad for s in start_states):
         raise ValueError("start_states take no gradient: pass them detached (or run under torch.no_grad())")
     reset = 1.0 - keep  # (L, 1, B, 1)
-    h, c = (s.reshape(L, B, K, H).transpose(1, 2) * reset for s in start_states)
+    h, c = ((s.reshape(L, B, K, H).transpose(1, 2) * reset).contiguous() for s in start_states)
     return h, c if rim.cell == "lstm" else None
 
 
