@@ -14,8 +14,9 @@ Contract with sb3-contrib: the recurrent state is the same ``(h, c)`` pair of sh
 its rollout buffer stores, and the RIM is reachable as ``policy.lstm_actor`` (with ``num_layers`` and
 ``hidden_size`` like ``nn.LSTM``), so ``RecurrentPPO`` and ``rims_rl.agents.recurrent_a2c.RecurrentA2C`` work unchanged.
 A minibatch's sequences run through the RIM in one call; episode starts inside a sequence reset the state at that
-step. In training, where the algorithm marks the padding (``padding_mask``: the project's ``RecurrentPPO`` and
-``RecurrentA2C`` do), the sequences are packed into fewer rows first (:func:`pack_sequences`).
+step. Opt-in (``RIMPolicy.pack_minibatches``, or ``RIMS_RL_PACK=1``), in training, where the algorithm marks the
+padding (``padding_mask``: the project's ``RecurrentPPO`` and ``RecurrentA2C`` do), the sequences are packed into
+fewer rows first (:func:`pack_sequences`).
 
 The LSTM baselines (``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``) are sb3-contrib's policies with
 two fixes: ``save()``/``load()`` keep the LSTM sizes, and a sequence whose only episode start is its first step runs
@@ -24,6 +25,7 @@ through ``nn.LSTM`` in one call instead of sb3-contrib's per-step loop (same res
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import torch as th
@@ -141,7 +143,7 @@ class _SharedCriticGradMixin:
       the padded layout (zeros at padding, which only follows the end of a sequence and is masked from the loss).
     - images go through the CNN in channels-last memory format on CPU (~1.35x faster convolutions there).
 
-    The RIM policies add a third, which changes results only by rounding: with :attr:`padding_mask` set, the RIM
+    The RIM policies add a third, opt-in, which changes results by rounding: with :attr:`padding_mask` set, the RIM
     runs on the minibatch's sequences packed into fewer rows (:func:`pack_sequences`, ``RIMPolicy.pack_minibatches``).
     ``nn.LSTM`` has no such input (``pack_padded_sequence`` measured 5x slower than the padded call on the CPU at
     Atari's shapes), so the LSTM policies run the padded layout.
@@ -396,9 +398,13 @@ class RIMPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
         finally:
             self._packing = None
 
-    pack_minibatches = True
-    """Whether :meth:`evaluate_actions` packs a padded minibatch's sequences into fewer rows (:func:`pack_sequences`);
-    measured on DemonAttack's RecurrentPPO updates (``configs/atari.yaml``): README, "Performance"."""
+    pack_minibatches: bool = os.environ.get("RIMS_RL_PACK", "0") == "1"
+    """Whether :meth:`evaluate_actions` packs a padded minibatch's sequences into fewer rows (:func:`pack_sequences`):
+    0.88x the time of DemonAttack's RecurrentPPO training step (README, "Performance"). Opt-in, as the fused kernels
+    (``rims_rl.rim_fast.FUSED_KERNELS``): it changes a run's numbers by rounding, and PPO follows the rounding to
+    another run of the same seed, so the library's defaults keep reproducing the documented results and the learning
+    tests. The environment variable ``RIMS_RL_PACK=1`` makes the default True (``RIMS_RL_PACK=1 rims-rl train ...``);
+    the benchmark scripts set it."""
     _packing: PackedSequences | None = None
 
     def _sequence_call(

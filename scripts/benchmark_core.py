@@ -221,6 +221,9 @@ def main() -> None:
     from rims_rl import rim_fast
 
     rim_fast.FUSED_KERNELS = not args.aten  # the fused CPU kernels (opt-in in the library; see FUSED_KERNELS)
+    from rims_rl.policies import RIMPolicy
+
+    RIMPolicy.pack_minibatches = True  # packed training minibatches (opt-in in the library; see pack_minibatches)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
           f"malloc {'keeps freed memory (rims_rl.allocator)' if kept else 'as is'}")  # fmt: skip
     core_benchmarks(args.repeats, args.device)

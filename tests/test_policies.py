@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch as th
@@ -13,6 +17,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.torch_layers import NatureCNN
 
 import rims_rl.envs  # registers the NoVel ids
+import rims_rl.policies
 import rims_rl.rim_fast
 from rims_rl import RIM
 from rims_rl.agents.ppo import RecurrentPPO
@@ -142,6 +147,38 @@ def test_packed_training_minibatch_gives_the_padded_evaluation(critic, monkeypat
     assert len(results[0]) == len(results[1])
     for padded, packed in zip(*results, strict=True):
         th.testing.assert_close(packed, padded, atol=2e-5, rtol=1e-4)
+
+
+def test_a_ppo_update_on_packed_minibatches_equals_the_padded_one(monkeypatch):
+    """Two PPO updates of the project's RecurrentPPO (compact buffer) on CartPoleNoVel, whose short episodes give
+    minibatches of many sequences of different lengths: with the sequences packed into fewer rows, the parameters
+    end where the padded calls take them (float32 rounding)."""
+    packings = []
+    packing_for = rims_rl.policies._packing_for
+    monkeypatch.setattr(rims_rl.policies, "_packing_for", lambda *a: packings.append(packing_for(*a)) or packings[-1])
+    params = []
+    for pack in (False, True):
+        monkeypatch.setattr(RIMPolicy, "pack_minibatches", pack)
+        env = make_vec_env("CartPoleNoVel-v1", n_envs=4, seed=0)
+        model = RecurrentPPO(RIMPolicy, env, n_steps=32, batch_size=64, n_epochs=2, policy_kwargs=SMALL_RIM, seed=0)
+        model.learn(256)
+        params.append(th.nn.utils.parameters_to_vector(model.policy.parameters()).detach())
+        env.close()
+    assert any(p is not None and p.rows < len(p.first) for p in packings)  # minibatches in fewer rows
+    th.testing.assert_close(params[1], params[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("0", False), (None, False)])
+def test_rims_rl_pack_switches_the_packed_minibatches_on(value, expected):
+    """``RIMS_RL_PACK=1`` turns the packed training minibatches on for a whole process (the ``rims-rl`` command);
+    unset or 0 keeps the default, off (as ``RIMS_RL_FUSED``: packing changes a run's numbers by rounding)."""
+    env = {k: v for k, v in os.environ.items() if k != "RIMS_RL_PACK"}
+    if value is not None:
+        env["RIMS_RL_PACK"] = value
+    code = "from rims_rl.policies import RIMCnnPolicy as p; print(p.pack_minibatches)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(expected)
 
 
 def test_policy_exposes_the_actor_rims_activations_of_the_last_forward():
