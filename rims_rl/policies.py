@@ -388,8 +388,9 @@ class RIMPolicy(_SharedCriticGradMixin, RecurrentActorCriticPolicy):
         return [self._sequence_result(call[0], *out) for call, out in zip(calls, run_together(calls), strict=True)]
 
     def evaluate_actions(self, obs, actions, lstm_states, episode_starts):  # type: ignore[no-untyped-def]
-        """sb3-contrib's, on the training minibatch's sequences packed into fewer rows where the algorithm set
-        :attr:`padding_mask` (:func:`pack_sequences`; the same results up to rounding, as the tests check)."""
+        """sb3-contrib's; with :attr:`pack_minibatches`, on the training minibatch's sequences packed into fewer rows
+        where the algorithm set :attr:`padding_mask` (:func:`pack_sequences`; the same results up to rounding, as the
+        tests check)."""
         self._packing = None
         if self.pack_minibatches and not any(s.requires_grad for s in lstm_states.pi + lstm_states.vf):
             self._packing = _packing_for(self.padding_mask, lstm_states.pi[0].shape[1], episode_starts.shape[0])
